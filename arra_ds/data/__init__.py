@@ -1,0 +1,1 @@
+"""Sequence layout, MDS schema, pre-tokenization, feature encoders, loader and demo data."""

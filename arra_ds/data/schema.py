@@ -1,0 +1,85 @@
+"""The MDS (MosaicML streaming) schema of a pre-tokenised ARRA data set.
+
+One sample = one (prompt, image) pair:
+
+    tokens          ndarray:int32    whole sequence: prompt + image + end of turn
+    prompt_len      int32            leading tokens excluded from the loss (labels -100)
+    feat_<encoder>  ndarray:float16  one global image feature per encoder (e.g. feat_biomedclip)
+    caption         str              the prompt text (eval, CLIP-Score)
+    uid             str              stable id of the source image
+
+Writers (pre-tokenization, demo data) and the loader both use these names, so a data set written by
+one version is read by the next.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BASE_COLUMNS: dict[str, str] = {
+    "tokens": "ndarray:int32",
+    "prompt_len": "int32",
+    "caption": "str",
+    "uid": "str",
+}
+FEATURE_PREFIX = "feat_"
+FEATURE_ENCODING = "ndarray:float16"
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def feature_column(encoder: str) -> str:
+    return f"{FEATURE_PREFIX}{encoder}"
+
+
+def columns_for(encoders: list[str]) -> dict[str, str]:
+    """The ``columns`` argument of ``MDSWriter`` for a data set carrying these encoders' features."""
+    columns = dict(BASE_COLUMNS)
+    for name in encoders:
+        columns[feature_column(name)] = FEATURE_ENCODING
+    return columns
+
+
+def read_index_columns(local_dir: str | Path) -> dict[str, str]:
+    """Column name -> encoding from an MDS ``index.json`` (all shards must agree)."""
+    index_path = Path(local_dir) / "index.json"
+    if not index_path.is_file():
+        raise SchemaError(f"{index_path} not found: is {local_dir} an MDS data set (written by MDSWriter)?")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{index_path} is not valid JSON ({e}); the data set is corrupt, re-run pre-tokenization") from e
+    shards = index.get("shards", [])
+    if not shards:
+        raise SchemaError(f"{index_path} lists no shards: the data set is empty")
+    columns: dict[str, str] | None = None
+    for i, shard in enumerate(shards):
+        shard_columns = dict(zip(shard["column_names"], shard["column_encodings"]))
+        if columns is None:
+            columns = shard_columns
+        elif shard_columns != columns:
+            raise SchemaError(f"{index_path}: shard {i} has columns {shard_columns}, shard 0 has {columns}")
+    return columns or {}
+
+
+def check_columns(local_dir: str | Path, feature: str | None) -> dict[str, str]:
+    """Raise a SchemaError naming what is missing; return the columns."""
+    columns = read_index_columns(local_dir)
+    for name, encoding in BASE_COLUMNS.items():
+        if name not in columns:
+            raise SchemaError(f"MDS data set {local_dir} lacks the column '{name}' ({encoding}); columns: {sorted(columns)}")
+        if columns[name] != encoding:
+            raise SchemaError(f"MDS data set {local_dir}: column '{name}' is {columns[name]}, expected {encoding}")
+    if feature is not None:
+        available = sorted(c[len(FEATURE_PREFIX) :] for c in columns if c.startswith(FEATURE_PREFIX))
+        if feature not in columns:
+            raise SchemaError(
+                f"MDS data set {local_dir} has no feature column '{feature}'. Features in it: {available}. "
+                f"Set align.encoder to one of them, or pre-tokenise with that encoder."
+            )
+        if columns[feature] != FEATURE_ENCODING:
+            raise SchemaError(f"MDS data set {local_dir}: '{feature}' is {columns[feature]}, expected {FEATURE_ENCODING}")
+    return columns

@@ -1,0 +1,219 @@
+"""The ARRA model: a Chameleon backbone, the alignment projector A_phi and the combined loss.
+
+    L = L_AR + z_w * L_z + lambda * L_GVA
+
+L_AR and L_z come from the chunked LM head (never [B, T, V] logits). L_GVA aligns the output of
+decoder layer ``align.layer`` (Hugging Face ``hidden_states[layer]``, captured with a forward hook)
+at the aligned positions with one global feature per sample. The projector is training-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from arra_ds.model.backbone import GatherContext, no_gather, load_backbone
+from arra_ds.model.losses import IGNORE_INDEX, gva_loss
+from arra_ds.model.vocab import ChameleonVocab
+
+
+@dataclass
+class AlignConfig:
+    weight: float = 1.0  # lambda; 0 trains the AR-only baseline (no projector is built)
+    layer: int = 1  # HF hidden_states[layer]: output of decoder layer `layer` (1-based)
+    # hybnext: every position whose next token is an image code (the paper's <HYBNEXT>);
+    # rep: one position per sample, the image-start token <racm3:break>;
+    # slice: the reference code's fixed [-(slice_len+1):-1] slice of the padded batch (comparison only).
+    target: Literal["hybnext", "rep", "slice"] = "hybnext"
+    slice_len: int = 1024
+    projector: Literal["mlp", "maxpool"] = "mlp"  # paper appendix Table 2
+    loss: Literal["cosine", "mse"] = "cosine"  # paper appendix Table 4
+    encoder: str = "biomedclip"  # the data column feat_<encoder> holds the target features
+    feature_dim: int = 0  # D; 0 = read from the data (the trainer fills it in)
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+    @property
+    def feature_column(self) -> str:
+        return f"feat_{self.encoder}"
+
+    def validate(self) -> None:
+        from arra_ds.config import ConfigError
+
+        if self.weight < 0:
+            raise ConfigError(f"align.weight={self.weight} must be >= 0 (0 disables the alignment term)")
+        if self.layer < 1:
+            raise ConfigError(f"align.layer={self.layer} must be >= 1 (layer L = output of decoder layer L)")
+        if self.slice_len < 1:
+            raise ConfigError(f"align.slice_len={self.slice_len} must be >= 1")
+        if self.feature_dim < 0:
+            raise ConfigError(f"align.feature_dim={self.feature_dim} must be >= 0 (0 = from the data)")
+        if not self.encoder or not self.encoder.replace("_", "").isalnum():
+            raise ConfigError(f"align.encoder={self.encoder!r} must be a plain name such as biomedclip, clip, medsam")
+
+
+class AlignHead(nn.Module):
+    """A_phi: [N, H] -> [N, D] and the GVA loss against one target per sample.
+
+    ``mlp`` is Linear(H, D) - GELU - Linear(D, D) (the reference code's 2-layer mlp_gelu projector);
+    ``maxpool`` is a parameter-free max-pool over the hidden dimension down to D.
+    The loss is computed inside ``forward`` so that ZeRO-3 gathers fc1/fc2 for it.
+    """
+
+    def __init__(self, hidden_size: int, feature_dim: int, projector: str, loss_kind: str):
+        super().__init__()
+        if projector == "maxpool" and feature_dim > hidden_size:
+            raise ValueError(f"maxpool projector cannot widen H={hidden_size} to D={feature_dim}")
+        self.projector = projector
+        self.loss_kind = loss_kind
+        self.feature_dim = feature_dim
+        if projector == "mlp":
+            self.fc1 = nn.Linear(hidden_size, feature_dim)
+            self.fc2 = nn.Linear(feature_dim, feature_dim)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.projector == "mlp":
+            return self.fc2(nn.functional.gelu(self.fc1(hidden)))
+        return nn.functional.adaptive_max_pool1d(hidden.unsqueeze(1), self.feature_dim).squeeze(1)
+
+    def forward(self, hidden: torch.Tensor, sample_idx: torch.Tensor, targets: torch.Tensor):
+        # hidden [N, H], sample_idx [N], targets [B, D] -> (loss, mean cosine)
+        projected = self.project(hidden)
+        loss, cos = gva_loss(projected, sample_idx, targets, self.loss_kind)
+        if self.projector == "mlp" and hidden.shape[0] == 0:
+            # keep fc1/fc2 in the graph so every rank runs the same ZeRO-3 collectives in backward
+            loss = loss + sum(p.sum() for p in self.parameters()) * 0.0
+        return loss, cos
+
+
+def aligned_positions(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_image_mask: torch.Tensor,
+    image_start_id: int,
+    target: str,
+    slice_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index [N], time index [N]) of the hidden states to align.
+
+    labels [B, T] are unshifted (-100 = ignored), so position t predicts labels[t + 1].
+    """
+    batch, length = labels.shape
+    if target == "hybnext":
+        next_label = labels[:, 1:]
+        safe = next_label.clamp(min=0)
+        is_image = vocab_image_mask[safe] & (next_label != IGNORE_INDEX)  # [B, T-1]
+        b_idx, t_idx = is_image.nonzero(as_tuple=True)
+        return b_idx, t_idx
+    if target == "rep":
+        is_start = (input_ids == image_start_id) & (labels != IGNORE_INDEX)  # [B, T]
+        has = is_start.any(dim=1)
+        first = is_start.int().argmax(dim=1)
+        b_idx = torch.arange(batch, device=labels.device)[has]
+        return b_idx, first[has]
+    if target == "slice":
+        start = max(length - 1 - slice_len, 0)
+        t = torch.arange(start, length - 1, device=labels.device)
+        b_idx = torch.arange(batch, device=labels.device).repeat_interleave(t.numel())
+        return b_idx, t.repeat(batch)
+    raise ValueError(f"unknown align target {target!r}")
+
+
+@dataclass
+class ARRAOutput:
+    loss: torch.Tensor  # total, differentiable
+    loss_ar: torch.Tensor  # CE over supervised tokens (detached)
+    loss_gva: torch.Tensor  # alignment loss (detached; 0 when disabled)
+    loss_z: torch.Tensor  # mean logsumexp^2 (detached, unweighted)
+    cos: torch.Tensor  # mean cosine at the aligned positions (detached)
+    num_tokens: int  # supervised tokens in this micro-batch
+    num_aligned: int  # aligned positions in this micro-batch
+
+
+class ARRAModel(nn.Module):
+    def __init__(self, backbone: nn.Module, vocab: ChameleonVocab, align: AlignConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.vocab = vocab
+        self.align = align
+        hidden_size = backbone.config.hidden_size
+        num_layers = backbone.config.num_hidden_layers
+        image_token_mask = torch.zeros(backbone.config.vocab_size, dtype=torch.bool)  # [V]
+        image_token_mask[vocab.image_token_ids] = True
+        self.register_buffer("image_token_mask", image_token_mask, persistent=False)
+        self.align_head: AlignHead | None = None
+        self._capturing = False
+        self._captured: torch.Tensor | None = None
+        if align.enabled:
+            if align.feature_dim < 1:
+                raise ValueError("align.feature_dim must be resolved from the data before build_model")
+            if not 1 <= align.layer <= num_layers:
+                raise ValueError(f"align.layer={align.layer} out of range 1..{num_layers}")
+            self.align_head = AlignHead(hidden_size, align.feature_dim, align.projector, align.loss)
+            # hidden_states[L] in HF is the output of layers[L-1], except the last entry, which is
+            # taken after the final norm.
+            source = backbone.model.norm if align.layer == num_layers else backbone.model.layers[align.layer - 1]
+            source.register_forward_hook(self._capture_hook)
+
+    def _capture_hook(self, module, inputs, output):
+        # Activation checkpointing re-runs the layer in backward; capture only in the real forward.
+        if self._capturing:
+            self._captured = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, batch: dict) -> ARRAOutput:
+        input_ids = batch["input_ids"]  # [B, T]
+        labels = batch["labels"]  # [B, T], unshifted
+        attention_mask = batch.get("attention_mask")  # [B, T]
+        self._capturing = self.align_head is not None
+        self._captured = None
+        try:
+            hidden = self.backbone.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # [B, T, H]
+        finally:
+            self._capturing = False
+        layer_hidden, self._captured = self._captured, None
+
+        shifted_targets = labels[:, 1:]  # [B, T-1]
+        supervised = shifted_targets != IGNORE_INDEX
+        lm_loss, ce, z = self.backbone.lm_head(hidden[:, :-1][supervised], targets=shifted_targets[supervised])
+
+        zero = torch.zeros((), device=hidden.device)
+        loss_gva, cos, num_aligned = zero, zero, 0
+        total = lm_loss
+        if self.align_head is not None:
+            b_idx, t_idx = aligned_positions(
+                input_ids, labels, self.image_token_mask, self.vocab.image_start_id, self.align.target, self.align.slice_len
+            )
+            targets = batch["target_features"]  # [B, D]
+            if targets.shape[-1] != self.align.feature_dim:
+                raise ValueError(
+                    f"target_features have width {targets.shape[-1]} but the projector was built for "
+                    f"D={self.align.feature_dim} (align.feature_dim)"
+                )
+            loss_gva, cos = self.align_head(layer_hidden[b_idx, t_idx], b_idx, targets)
+            total = total + self.align.weight * loss_gva
+            num_aligned = int(b_idx.numel())
+        return ARRAOutput(
+            loss=total,
+            loss_ar=ce,
+            loss_gva=loss_gva.detach(),
+            loss_z=z,
+            cos=cos.detach(),
+            num_tokens=int(supervised.sum()),
+            num_aligned=num_aligned,
+        )
+
+
+def build_model(cfg, dtype: torch.dtype = torch.float32, gather: GatherContext = no_gather) -> ARRAModel:
+    """RunConfig -> ARRAModel. ``cfg.align.feature_dim`` must already hold D (from the data)."""
+    backbone, vocab = load_backbone(cfg.model, dtype=dtype, gather=gather)
+    model = ARRAModel(backbone, vocab, cfg.align)
+    if model.align_head is not None:
+        model.align_head.to(dtype)
+    return model

@@ -1,0 +1,221 @@
+"""Backbone loading: Hugging Face Chameleon, Lumina-mGPT, or the in-code debug preset.
+
+Single-device code. Under ZeRO-3 the trainer keeps a ``transformers`` ``HfDeepSpeedConfig`` alive
+while this runs, so ``from_pretrained`` / ``_from_config`` build the model inside ``zero.Init`` and
+no rank ever holds the full weights. Weight edits that need the full tensor go through the
+``gather`` context factory the trainer passes in (``deepspeed.zero.GatheredParameters`` there, a
+no-op here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable, Literal
+
+import torch
+from torch import nn
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+from arra_ds.model.losses import chunked_lm_loss
+from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
+
+GatherContext = Callable[[Iterable[nn.Parameter]], ContextManager]
+
+
+def no_gather(params: Iterable[nn.Parameter]) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass
+class DebugModelConfig:
+    """Sizes of the tiny Chameleon built in code (CPU runs and tests)."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    num_image_codes: int = 256
+    max_position_embeddings: int = 1024
+
+    def validate(self) -> None:
+        from arra_ds.config import ConfigError
+
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.debug.hidden_size={self.hidden_size} must be divisible by "
+                f"model.debug.num_attention_heads={self.num_attention_heads}"
+            )
+        if min(self.hidden_size, self.num_hidden_layers, self.intermediate_size, self.num_image_codes) < 1:
+            raise ConfigError("model.debug sizes must all be positive")
+
+
+@dataclass
+class ModelConfig:
+    # debug: tiny model built in code; chameleon: facebook/chameleon-7b layout (text-only generation,
+    # image rows of lm_head start at zero); lumina_mgpt: Lumina-mGPT-7B (image generation already).
+    source: Literal["debug", "chameleon", "lumina_mgpt"] = "debug"
+    path: str = ""  # local checkpoint directory (config.json + weights) for chameleon / lumina_mgpt
+    debug: DebugModelConfig = field(default_factory=DebugModelConfig)
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    activation_checkpointing: bool = False
+    z_loss_weight: float = 0.0
+    # auto: zero for source=chameleon (as Lumina-mGPT does from the text-only model), keep otherwise.
+    init_image_head: Literal["auto", "zero", "keep"] = "auto"
+    lm_loss_chunk_size: int = 2048  # rows of the chunked LM-head loss; memory ~ chunk * vocab * 4 B
+    attention_dropout: float = 0.0
+
+    def validate(self) -> None:
+        from arra_ds.config import ConfigError
+
+        if self.source == "debug":
+            self.debug.validate()
+        else:
+            if not self.path:
+                raise ConfigError(
+                    f"model.source={self.source} needs model.path=<local checkpoint dir> "
+                    "(a directory with config.json and the weights; nothing is downloaded)"
+                )
+            config_json = Path(self.path) / "config.json"
+            if not config_json.is_file():
+                raise ConfigError(f"model.path={self.path}: no config.json there; point it at the checkpoint directory")
+        if self.lm_loss_chunk_size < 1:
+            raise ConfigError(f"model.lm_loss_chunk_size={self.lm_loss_chunk_size} must be >= 1")
+        if self.z_loss_weight < 0:
+            raise ConfigError(f"model.z_loss_weight={self.z_loss_weight} must be >= 0")
+
+    def _hf_config_dict(self) -> dict:
+        return json.loads((Path(self.path) / "config.json").read_text())
+
+    def num_hidden_layers(self) -> int:
+        if self.source == "debug":
+            return self.debug.num_hidden_layers
+        return int(self._hf_config_dict()["num_hidden_layers"])
+
+    def max_positions(self) -> int:
+        if self.source == "debug":
+            return self.debug.max_position_embeddings
+        return int(self._hf_config_dict().get("max_position_embeddings", 0))
+
+    def zero_image_head(self) -> bool:
+        if self.init_image_head == "auto":
+            return self.source == "chameleon"
+        return self.init_image_head == "zero"
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class LMHeadWithLoss(nn.Module):
+    """Chameleon's ``lm_head`` (same parameter name, ``lm_head.weight`` [V, H]).
+
+    ``head(hidden)`` gives logits as ``nn.Linear`` does (generation); ``head(hidden, targets=y)``
+    gives the chunked CE + z-loss without full logits. The loss runs inside this module's forward
+    so ZeRO-3 gathers ``weight`` for it.
+    """
+
+    def __init__(self, weight: nn.Parameter, z_loss_weight: float, chunk_size: int):
+        super().__init__()
+        self.weight = weight
+        self.z_loss_weight = z_loss_weight
+        self.chunk_size = chunk_size
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None):
+        if targets is None:
+            return nn.functional.linear(hidden, self.weight)
+        return chunked_lm_loss(hidden, self.weight, targets, self.z_loss_weight, self.chunk_size)
+
+
+def debug_chameleon_config(cfg: DebugModelConfig, attn_implementation: str) -> ChameleonConfig:
+    tokenizer = build_debug_tokenizer(num_image_codes=cfg.num_image_codes)
+    vocabulary_map = tokenizer.get_vocab(with_added_tokens=True)
+    vocab_size = -(-len(vocabulary_map) // 64) * 64  # round up: friendlier matmul shapes
+    # A tiny VQ config: Chameleon's default would build a 70M-parameter VQGAN we drop anyway.
+    vq_config = dict(
+        embed_dim=32, num_embeddings=cfg.num_image_codes, latent_channels=32, resolution=32, in_channels=3,
+        base_channels=32, channel_multiplier=[1], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+    )
+    return ChameleonConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        vocabulary_map=vocabulary_map,
+        vq_config=vq_config,
+        pad_token_id=vocabulary_map["<pad>"],
+        bos_token_id=vocabulary_map["<s>"],
+        eos_token_id=vocabulary_map["</s>"],
+        attn_implementation=attn_implementation,
+    )
+
+
+def load_backbone(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    gather: GatherContext = no_gather,
+) -> tuple[ChameleonForConditionalGeneration, ChameleonVocab]:
+    """Build or load the Chameleon backbone; returns (model, vocab).
+
+    The returned model has no ``vqmodel`` (pre-tokenised data never needs it) and its ``lm_head``
+    is an ``LMHeadWithLoss``. Image-token logits are never masked (we do not call HF's forward).
+    """
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    if cfg.source == "debug":
+        hf_config = debug_chameleon_config(cfg.debug, attn)
+        hf_config.attention_dropout = cfg.attention_dropout
+        # Build without padding_idx: under zero.Init the embedding is already partitioned when HF's
+        # init zeroes the padding row, which then fails. The pad row gets no gradient either way
+        # (padded positions are masked out of attention and carry label -100).
+        pad_id = hf_config.pad_token_id
+        hf_config.pad_token_id = None
+        model = ChameleonForConditionalGeneration._from_config(hf_config, dtype=dtype)
+        model.config.pad_token_id = pad_id
+    else:
+        model = ChameleonForConditionalGeneration.from_pretrained(
+            cfg.path,
+            dtype=dtype,
+            attn_implementation=attn,
+            attention_dropout=cfg.attention_dropout,
+            local_files_only=True,
+            use_safetensors=None,
+        )
+    if hasattr(model.model, "vqmodel"):
+        del model.model.vqmodel
+    model.config.use_cache = False
+
+    vocab = ChameleonVocab.from_model_config(model.config)
+    if vocab.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"vocabulary_map has ids up to {vocab.vocab_size - 1} but the model's vocab_size is {model.config.vocab_size}"
+        )
+    model.lm_head = LMHeadWithLoss(model.lm_head.weight, cfg.z_loss_weight, cfg.lm_loss_chunk_size)
+
+    if cfg.zero_image_head():
+        # Chameleon-7B was released without image generation: its image rows are untrained. Start
+        # them at zero so that all image codes begin equally likely (Lumina-mGPT's recipe).
+        weight = model.lm_head.weight
+        with gather([weight]), torch.no_grad():
+            weight[vocab.image_token_ids.to(weight.device)] = 0.0
+
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, vocab

@@ -1,0 +1,145 @@
+"""ARRA loss pieces: chunked LM head + cross-entropy + z-loss, and the global visual alignment loss.
+
+Shapes: N = supervised (or aligned) positions gathered from a [B, T] batch, H = hidden size,
+V = vocabulary, D = feature width of the foundation encoder.
+
+``chunked_lm_loss`` never builds the [N, V] fp32 logits: it walks N in chunks, and for each chunk
+computes logits, logsumexp, the loss *and already the gradient* w.r.t. the chunk's hidden states
+and the head weight (as Liger-Kernel's fused linear cross-entropy does). Backward then only scales
+the stored gradients, so the peak extra memory is one [chunk, V] fp32 block plus a [V, H] fp32
+gradient accumulator, and the matmul count equals the naive path (1 forward, 2 backward).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """loss = mean_n CE(h_n W^T, y_n) + z_w * mean_n logsumexp(h_n W^T)^2, gradients precomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, z_loss_weight: float, chunk_size: int):
+        # hidden [N, H], weight [V, H], targets [N] int64 (all valid: the caller drops ignored rows)
+        num_rows = hidden.shape[0]
+        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, num_rows, chunk_size):
+            end = min(start + chunk_size, num_rows)
+            h = hidden[start:end]  # [n, H]
+            y = targets[start:end]  # [n]
+            logits = (h @ weight.t()).float()  # [n, V] fp32: the only full-width block alive
+            lse = torch.logsumexp(logits, dim=-1)  # [n]
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)
+            ce_sum += (lse - target_logit).sum()
+            z_sum += lse.square().sum()
+            if want_hidden_grad or want_weight_grad:
+                # d/dlogits [ (lse - logit_y) + z_w * lse^2 ] / N = (softmax * (1 + 2 z_w lse) - onehot_y) / N
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs.mul_(((1.0 + 2.0 * z_loss_weight * lse) / num_rows)[:, None])
+                probs[torch.arange(end - start, device=probs.device), y] -= 1.0 / num_rows
+                grad_logits = probs.to(hidden.dtype)  # [n, V]
+                if want_hidden_grad:
+                    grad_hidden[start:end] = grad_logits @ weight
+                if want_weight_grad:
+                    if weight.dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.t(), h)
+                    else:
+                        grad_weight += (grad_logits.t() @ h).float()
+            del logits
+
+        ce = ce_sum / num_rows
+        z = z_sum / num_rows
+        loss = ce + z_loss_weight * z
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else torch.empty(0),
+            grad_weight if grad_weight is not None else torch.empty(0),
+        )
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce, z)
+        return loss, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_z):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        out_hidden = out_weight = None
+        if ctx.needs_input_grad[0]:
+            out_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            out_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return out_hidden, out_weight, None, None, None
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    z_loss_weight: float = 0.0,
+    chunk_size: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token loss over already-shifted, already-filtered rows.
+
+    hidden [N, H] (final-norm outputs of the positions that have a target), weight [V, H] (lm_head),
+    targets [N]. Returns (loss = ce + z_w * z, ce, z); ce and z are detached, for logging.
+    With N == 0 the loss is a zero that still depends on both inputs, so backward runs the same
+    collectives on every rank.
+    """
+    if hidden.shape[0] == 0:
+        zero = hidden.sum() * 0.0 + weight.sum() * 0.0
+        return zero.float(), zero.detach().float(), zero.detach().float()
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, float(z_loss_weight), int(chunk_size))
+
+
+def reference_lm_loss(hidden, weight, targets, z_loss_weight: float = 0.0):
+    """Naive full-logits fp32 reference (what Lumina-mGPT does), for tests and benchmarks."""
+    logits = (hidden @ weight.t()).float()
+    ce = F.cross_entropy(logits, targets)
+    z = torch.logsumexp(logits, dim=-1).square().mean()
+    return ce + z_loss_weight * z, ce.detach(), z.detach()
+
+
+def gva_loss(
+    projected: torch.Tensor,
+    sample_idx: torch.Tensor,
+    targets: torch.Tensor,
+    kind: Literal["cosine", "mse"] = "cosine",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global visual alignment loss.
+
+    projected [N, D]: A_phi(h) at the aligned positions; sample_idx [N]: which sample each row
+    belongs to; targets [B, D]: one global feature per sample. Per row: 1 - cos (or the mean squared
+    error for ``kind='mse'``); averaged over a sample's rows, then over the samples that have rows.
+    Returns (loss, mean cosine) in fp32; the cosine is detached and averaged the same way.
+    """
+    batch = targets.shape[0]
+    p = projected.float()
+    t = targets.float()[sample_idx]  # [N, D]
+    cos_rows = (F.normalize(p, dim=-1) * F.normalize(t, dim=-1)).sum(-1)  # [N]
+    if kind == "cosine":
+        row_loss = 1.0 - cos_rows
+    elif kind == "mse":
+        row_loss = (p - t).square().mean(-1)
+    else:
+        raise ValueError(f"unknown alignment loss {kind!r}; use 'cosine' or 'mse'")
+
+    counts = torch.bincount(sample_idx, minlength=batch).to(p.dtype)  # [B]
+    has_rows = counts > 0
+    if not bool(has_rows.any()):
+        zero = projected.sum().float() * 0.0
+        return zero, zero.detach()
+    per_sample_loss = torch.zeros(batch, dtype=p.dtype, device=p.device).index_add(0, sample_idx, row_loss)
+    per_sample_cos = torch.zeros(batch, dtype=p.dtype, device=p.device).index_add(0, sample_idx, cos_rows.detach())
+    loss = (per_sample_loss[has_rows] / counts[has_rows]).mean()
+    cos = (per_sample_cos[has_rows] / counts[has_rows]).mean()
+    return loss, cos

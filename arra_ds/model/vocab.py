@@ -1,0 +1,267 @@
+"""Chameleon token vocabulary: special token ids by name and the BPE id <-> VQ code map.
+
+Every id used by the library comes from here, resolved by *name* from the tokenizer vocabulary (the
+``vocabulary_map`` of a Hugging Face Chameleon ``config.json`` or a ``text_tokenizer.json``). Names
+follow Chameleon / Lumina-mGPT:
+
+    <s> <pad> </s>        begin / pad / end of sequence
+    <racm3:break>         image start            <eoss>            image end
+    <reserved08799>       end of an image row    <reserved08706>   end of a conversation turn
+    <reserved{8800+n}>    "n grids" (32-px cells) for the image height and width
+    IMGIMG<digits as A-J>Z   image code tokens; the digits spell the VQ code index
+
+The debug preset builds a small vocabulary with the same names (``build_debug_tokenizer``) so that
+every code path (sequence layout, sampling constraints, HF export) is exercised on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+BOS = "<s>"
+PAD = "<pad>"
+EOS = "</s>"
+IMAGE_START = "<racm3:break>"
+IMAGE_END = "<eoss>"
+ROW_END = "<reserved08799>"
+END_OF_TURN = "<reserved08706>"
+IMAGE_CODE_PREFIX = "IMGIMG"
+GRID_TOKEN_BASE = 8800
+
+
+def grid_token_name(num_grids: int) -> str:
+    """Name of the token that says "num_grids 32-px cells" (Lumina-mGPT's size tokens)."""
+    return f"<reserved{GRID_TOKEN_BASE + num_grids:05d}>"
+
+
+def image_code_token_name(code: int) -> str:
+    """Chameleon spells VQ code 1234 as IMGIMG + 'BCDE' + 'Z' (digit d -> chr(ord('A') + d))."""
+    return IMAGE_CODE_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def image_code_from_token_name(name: str) -> int:
+    digits = name[len(IMAGE_CODE_PREFIX) : -1]
+    return int("".join(str(ord(c) - ord("A")) for c in digits))
+
+
+class VocabError(ValueError):
+    pass
+
+
+@dataclass
+class ChameleonVocab:
+    """Token ids by name plus the image-code maps, built from a name -> id mapping."""
+
+    token_to_id: Mapping[str, int]
+    source: str = "<in memory>"
+    id_to_token: dict[int, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.token_to_id = dict(self.token_to_id)
+        self.id_to_token = {i: n for n, i in self.token_to_id.items()}
+        missing = [n for n in (BOS, PAD, IMAGE_START, IMAGE_END, ROW_END, END_OF_TURN) if n not in self.token_to_id]
+        if missing:
+            raise VocabError(
+                f"vocabulary from {self.source} lacks the Chameleon special tokens {missing}; "
+                "is it a Chameleon / Lumina-mGPT tokenizer?"
+            )
+        if not self.image_token_ids.numel():
+            raise VocabError(f"vocabulary from {self.source} has no '{IMAGE_CODE_PREFIX}...' image code tokens")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_vocabulary_map(cls, vocabulary_map: Mapping[str, int], source: str = "<vocabulary_map>") -> "ChameleonVocab":
+        return cls(vocabulary_map, source=source)
+
+    @classmethod
+    def from_tokenizer_file(cls, path: str | Path) -> "ChameleonVocab":
+        """Read a ``tokenizers`` JSON (Chameleon's ``text_tokenizer.json``), added tokens included."""
+        path = Path(path)
+        data = json.loads(path.read_text())
+        vocab = dict(data["model"]["vocab"])
+        for added in data.get("added_tokens", []):
+            vocab[added["content"]] = added["id"]
+        return cls(vocab, source=str(path))
+
+    @classmethod
+    def from_model_config(cls, config) -> "ChameleonVocab":
+        vocabulary_map = getattr(config, "vocabulary_map", None)
+        if not vocabulary_map:
+            raise VocabError("model config has no 'vocabulary_map'; pass a tokenizer file instead")
+        return cls(vocabulary_map, source="config.vocabulary_map")
+
+    # ---- special ids --------------------------------------------------------------------------
+    def id(self, name: str) -> int:
+        try:
+            return self.token_to_id[name]
+        except KeyError:
+            raise VocabError(f"token {name!r} is not in the vocabulary from {self.source}") from None
+
+    @property
+    def bos_id(self) -> int:
+        return self.id(BOS)
+
+    @property
+    def pad_id(self) -> int:
+        return self.id(PAD)
+
+    @property
+    def eos_id(self) -> int:
+        return self.id(EOS)
+
+    @property
+    def image_start_id(self) -> int:
+        return self.id(IMAGE_START)
+
+    @property
+    def image_end_id(self) -> int:
+        return self.id(IMAGE_END)
+
+    @property
+    def row_end_id(self) -> int:
+        return self.id(ROW_END)
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.id(END_OF_TURN)
+
+    def grid_token_id(self, num_grids: int) -> int:
+        return self.id(grid_token_name(num_grids))
+
+    def grid_count(self, token_id: int) -> int:
+        """Inverse of ``grid_token_id``: the number of 32-px cells a grid token stands for."""
+        name = self.id_to_token.get(int(token_id), "")
+        if not (name.startswith("<reserved") and name.endswith(">")):
+            raise VocabError(f"token id {token_id} ({name!r}) is not a grid-size token")
+        count = int(name[len("<reserved") : -1]) - GRID_TOKEN_BASE
+        if count < 1:
+            raise VocabError(f"token id {token_id} ({name!r}) is not a grid-size token")
+        return count
+
+    # ---- image codes --------------------------------------------------------------------------
+    @cached_property
+    def _image_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = sorted(
+            (image_code_from_token_name(name), tid)
+            for name, tid in self.token_to_id.items()
+            if name.startswith(IMAGE_CODE_PREFIX)
+        )
+        codes = torch.tensor([c for c, _ in pairs], dtype=torch.long)
+        bpe = torch.tensor([t for _, t in pairs], dtype=torch.long)
+        return codes, bpe
+
+    @property
+    def image_token_ids(self) -> torch.Tensor:
+        """BPE ids of all image code tokens, ordered by VQ code. Shape [K]."""
+        return self._image_tokens[1]
+
+    @property
+    def num_image_codes(self) -> int:
+        return int(self._image_tokens[0].max().item()) + 1
+
+    @cached_property
+    def vocab_size(self) -> int:
+        return max(self.token_to_id.values()) + 1
+
+    @cached_property
+    def code_to_bpe(self) -> torch.Tensor:
+        """Look-up table [num_image_codes] VQ code -> BPE id."""
+        codes, bpe = self._image_tokens
+        lut = torch.full((self.num_image_codes,), -1, dtype=torch.long)
+        lut[codes] = bpe
+        if (lut < 0).any():
+            raise VocabError(f"vocabulary from {self.source} skips some image codes below {self.num_image_codes}")
+        return lut
+
+    @cached_property
+    def bpe_to_code(self) -> torch.Tensor:
+        """Look-up table [vocab_size] BPE id -> VQ code, -1 for tokens that are not image codes."""
+        codes, bpe = self._image_tokens
+        lut = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        lut[bpe] = codes
+        return lut
+
+    @cached_property
+    def image_token_mask(self) -> torch.Tensor:
+        """Bool [vocab_size]: True for image code tokens."""
+        return self.bpe_to_code >= 0
+
+    def is_image_code(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Elementwise: is each id an image code token? Ids < 0 (e.g. -100 labels) give False."""
+        mask = self.image_token_mask.to(token_ids.device)
+        safe = token_ids.clamp(min=0, max=mask.numel() - 1)
+        return mask[safe] & (token_ids >= 0) & (token_ids < mask.numel())
+
+    def codes_to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.code_to_bpe.to(codes.device)[codes]
+
+    def tokens_to_codes(self, token_ids: torch.Tensor) -> torch.Tensor:
+        codes = self.bpe_to_code.to(token_ids.device)[token_ids]
+        if (codes < 0).any():
+            raise VocabError("tokens_to_codes got ids that are not image code tokens")
+        return codes
+
+
+# ------------------------------------------------------------------------------------------------
+# Debug vocabulary: same token names as Chameleon, a few hundred ids, a word-level text tokenizer.
+# ------------------------------------------------------------------------------------------------
+
+DEBUG_WORDS: tuple[str, ...] = tuple(
+    """
+    a an the one two three four five six seven eight nine zero no and of on in at with without
+    image picture photo drawing scene x-ray chest view ap pa lateral of
+    red green blue yellow orange purple pink cyan magenta white black gray grey brown dark light
+    circle circles square squares triangle triangles disk disks ring rings bar bars cross crosses
+    dot dots stripe stripes shape shapes star stars line lines
+    left right top bottom center centre middle upper lower corner edge side
+    small large big tiny huge medium
+    background foreground bright dim
+    horizontal vertical diagonal
+    is are there
+    , .
+    """.split()
+)
+
+
+def build_debug_tokenizer(
+    num_image_codes: int = 256,
+    max_grid: int = 32,
+    words: Sequence[str] = DEBUG_WORDS,
+):
+    """A ``tokenizers.Tokenizer`` with Chameleon's special-token names and a small word vocabulary.
+
+    Ids: 0 <s>, 1 <pad>, 2 </s>, 3 <unk>, then the image codes (as in Chameleon, image codes come
+    right after the first specials), then the remaining specials, grid tokens and words.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    names: list[str] = [BOS, PAD, EOS, "<unk>"]
+    names += [image_code_token_name(c) for c in range(num_image_codes)]
+    names += [IMAGE_END, IMAGE_START, END_OF_TURN, ROW_END, "<image>"]
+    names += [grid_token_name(n) for n in range(1, max_grid + 1)]
+    seen = set(names)
+    for w in words:
+        if w not in seen:
+            names.append(w)
+            seen.add(w)
+    vocab = {n: i for i, n in enumerate(names)}
+    tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    specials = [n for n in names if n.startswith("<")]
+    tokenizer.add_special_tokens(specials)
+    return tokenizer
+
+
+def build_debug_vocab(num_image_codes: int = 256, max_grid: int = 32) -> ChameleonVocab:
+    tok = build_debug_tokenizer(num_image_codes=num_image_codes, max_grid=max_grid)
+    return ChameleonVocab(tok.get_vocab(with_added_tokens=True), source="debug tokenizer")

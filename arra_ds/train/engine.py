@@ -1,0 +1,224 @@
+"""Everything that knows about DeepSpeed: config filling, model construction under ZeRO-3,
+the engine wrapper the training loop drives, and checkpoint save/load.
+
+Model code stays single-device; this module supplies the ZeRO-3 pieces it needs:
+``HfDeepSpeedConfig`` kept alive while the backbone is built (so ``transformers`` constructs it inside
+``zero.Init`` and no rank materialises the full model) and ``GatheredParameters`` for the few
+weight edits that need a whole tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arra_ds import dist
+from arra_ds.model.arra import ARRAModel, ARRAOutput, build_model
+from arra_ds.model.backbone import no_gather
+from arra_ds.train.optim import param_groups
+
+AUTO = "auto"
+
+
+class DSConfigError(ValueError):
+    """The DeepSpeed JSON contradicts the run config; the message names both values."""
+
+
+def init_distributed() -> None:
+    """Start the process group (gloo on CPU, nccl on GPU) from the launcher's environment."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank())
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DSConfigError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DSConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+
+
+def resolve_precision(requested: str) -> str:
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    if requested == "bf16" and not torch.cuda.is_available():
+        raise DSConfigError("train.precision=bf16 needs a GPU; on CPU use train.precision=fp32 (or auto)")
+    return requested
+
+
+def _fill(section: dict, key: str, value: Any, where: str, source: str) -> None:
+    """Set ``section[key]`` when it is "auto" or absent; refuse a contradicting explicit value."""
+    current = section.get(key, AUTO)
+    if current == AUTO:
+        section[key] = value
+    elif current != value and not (isinstance(value, float) and isinstance(current, (int, float)) and abs(current - value) <= 1e-12 * max(1.0, abs(value))):
+        raise DSConfigError(
+            f"ds_config {where}.{key}={current!r} contradicts the run config ({source}={value!r}); "
+            f'set it to "auto" in the ds_config so the run config decides'
+        )
+
+
+def fill_ds_config(ds_config: dict, cfg, world_size: int, hidden_size: int) -> dict:
+    """Fill the "auto" fields of a DeepSpeed JSON from the run config (the one place that does).
+
+    Batch sizes, gradient clipping, precision, optimizer hyper-parameters and the ZeRO-3 bucket
+    sizes (scaled with the hidden size, as Hugging Face's integration does).
+    """
+    ds = copy.deepcopy(ds_config)
+    train, optim = cfg.train, cfg.optim
+    micro = train.micro_batch_size
+    accum = train.grad_accum_steps(world_size)
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "", "train.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", accum, "", "train.global_batch_size / (micro_batch_size * world)")
+    _fill(ds, "train_batch_size", micro * accum * world_size, "", "train.global_batch_size")
+    _fill(ds, "gradient_clipping", float(optim.grad_clip), "", "optim.grad_clip")
+
+    precision = resolve_precision(train.precision)
+    bf16 = ds.setdefault("bf16", {})
+    _fill(bf16, "enabled", precision == "bf16", "bf16", "train.precision")
+    if ds.get("fp16", {}).get("enabled") not in (None, False, AUTO):
+        raise DSConfigError("fp16 is not supported (Chameleon trains in bf16); set fp16.enabled=false, use bf16")
+    ds.setdefault("fp16", {})["enabled"] = False
+    if "scheduler" in ds:
+        raise DSConfigError(
+            "ds_config has a 'scheduler' section, but the learning rate is driven by optim.* of the run "
+            "config (optim.schedule, optim.warmup_steps); remove 'scheduler' from the ds_config"
+        )
+
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        _fill(params, "lr", float(optim.lr), "optimizer.params", "optim.lr")
+        _fill(params, "betas", [float(b) for b in optim.betas], "optimizer.params", "optim.betas")
+        _fill(params, "eps", float(optim.eps), "optimizer.params", "optim.eps")
+        _fill(params, "weight_decay", float(optim.weight_decay), "optimizer.params", "optim.weight_decay")
+
+    zero = ds.setdefault("zero_optimization", {})
+    for key, value in (
+        ("reduce_bucket_size", hidden_size * hidden_size),
+        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+        ("stage3_param_persistence_threshold", 10 * hidden_size),
+    ):
+        if zero.get(key) == AUTO:
+            zero[key] = value
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    leftover = [k for k, v in _walk(ds) if v == AUTO]
+    if leftover:
+        raise DSConfigError(f'ds_config fields left at "auto" that arra_ds does not fill: {leftover}; give them values')
+    return ds
+
+
+def _walk(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, node
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _offloads_optimizer(ds_config: dict) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+class Engine:
+    """The DeepSpeed engine behind a small interface the loop needs (forward/backward/step/save)."""
+
+    def __init__(self, cfg, ds_config: dict):
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.cfg = cfg
+        self.ds_config = ds_config
+        self.precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        gather = no_gather
+        hf_ds_config = None
+        if zero_stage(ds_config) == 3:
+            # Must stay referenced while the model is built: transformers reads it through a weakref.
+            hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+            def gather(params):
+                return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+        model = build_model(cfg, dtype=dtype, gather=gather)
+        del hf_ds_config
+
+        groups = param_groups(model, cfg.optim.weight_decay)
+        optimizer = None
+        # On CPU without offload DeepSpeed would JIT-compile its C++ Adam; torch's AdamW is the same
+        # update and needs no compiler. With a GPU (FusedAdam) or ZeRO-Offload (CPUAdam) DeepSpeed builds it.
+        if "optimizer" in ds_config and not torch.cuda.is_available() and not _offloads_optimizer(ds_config):
+            params = ds_config["optimizer"]["params"]
+            ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+            ds_config["zero_allow_untested_optimizer"] = True
+            optimizer = torch.optim.AdamW(groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"])
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups if optimizer is None else None,
+            optimizer=optimizer,
+            config=ds_config,
+        )
+        self.model: ARRAModel = self.engine.module
+        self.device = self.engine.device
+
+    # ---- training step ------------------------------------------------------------------------
+    def forward(self, batch: dict) -> ARRAOutput:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def at_accumulation_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, ckpt_root: str | Path, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state)
+
+    def load(self, ckpt_root: str | Path, tag: str | None) -> dict:
+        path, client_state = self.engine.load_checkpoint(str(ckpt_root), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no loadable DeepSpeed checkpoint under {ckpt_root} (tag={tag})")
+        return client_state or {}
+
+
+def latest_tag(ckpt_root: str | Path) -> str | None:
+    latest = Path(ckpt_root) / "latest"
+    if not latest.is_file():
+        return None
+    return latest.read_text().strip() or None

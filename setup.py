@@ -1,0 +1,51 @@
+"""arra_ds: DeepSpeed ZeRO-3 trainer for ARRA (Autoregressive Representation Alignment).
+
+The pins below form one set that installs together on Python 3.11: mosaicml-streaming 0.13 needs
+transformers<5 and numpy<2.2, and torch 2.14.1 pulls triton 3.8.0.
+"""
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "triton==3.8.0",
+    "deepspeed==0.19.8",
+    "transformers==4.57.6",
+    "accelerate==1.15.0",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 zero.Init loading)
+    "tokenizers==0.22.2",
+    "safetensors==0.8.0",
+    "mosaicml-streaming==0.13.0",
+    "numpy==2.1.3",
+    "pillow==13.0.0",
+    "pyyaml==6.0.3",
+    "tqdm==4.70.1",
+    "tensorboard==2.21.0",
+]
+
+extras_require = {
+    # Evaluation and feature extraction (FID features, CLIP-Score, MS-SSIM, foundation encoders).
+    "eval": [
+        "scipy==1.17.1",
+        "open_clip_torch==3.3.0",
+        "torchxrayvision==1.5.7",
+        "pytorch-msssim==1.0.0",
+    ],
+    # Fused LM-head cross-entropy (Liger-Kernel); Triton kernels of our own live in kernels/.
+    "kernels": ["liger-kernel==0.8.5"],
+    # GPU-only: flash attention 2 (needs a CUDA toolchain to build).
+    "gpu": ["flash-attn>=2.6.3"],
+    "test": ["pytest==9.2.0"],
+}
+extras_require["dev"] = extras_require["eval"] + extras_require["kernels"] + extras_require["test"]
+
+setup(
+    name="arra_ds",
+    version="0.1.0",
+    description="Distributed ARRA training for autoregressive text-to-image LLMs (Chameleon, Lumina-mGPT)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["arra_ds", "arra_ds.*", "kernels", "kernels.*"]),
+    include_package_data=True,
+    install_requires=install_requires,
+    extras_require=extras_require,
+)
