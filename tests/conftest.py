@@ -1,0 +1,44 @@
+"""Shared test setup: CPU by default, `gpu` tests skipped without CUDA, a private data cache."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Demo data and other cached artefacts go to a per-session temp dir, never ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "arra_ds_cache"
+    monkeypatch.setenv("ARRA_DS_CACHE", str(cache))
+    yield
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for launcher subprocesses (deepspeed/torchrun): the repo on PYTHONPATH, CPU only."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launcher(name: str) -> str:
+    """Path of a console script (deepspeed, torchrun) from the running interpreter's environment."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
