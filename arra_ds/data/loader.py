@@ -179,3 +179,15 @@ def feature_dim_of(dataset, feature_column: str) -> int:
     """D of the target features, read from the first sample."""
     sample = dataset.get_item(0)
     return int(np.asarray(sample[feature_column]).shape[-1])
+
+
+def resolve_feature_dim(align_cfg, data_dim: int) -> int:
+    """D for the projector: the data decides; an explicit align.feature_dim must agree with it."""
+    from arra_ds.config import ConfigError
+
+    if align_cfg.feature_dim and align_cfg.feature_dim != data_dim:
+        raise ConfigError(
+            f"align.feature_dim={align_cfg.feature_dim} but the data column {align_cfg.feature_column} holds "
+            f"{data_dim}-d features; drop align.feature_dim (it is read from the data) or use matching data"
+        )
+    return data_dim

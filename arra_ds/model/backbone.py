@@ -39,7 +39,7 @@ class DebugModelConfig:
     num_attention_heads: int = 4
     intermediate_size: int = 128
     num_image_codes: int = 256
-    max_position_embeddings: int = 1024
+    max_position_embeddings: int = 4096
 
     def validate(self) -> None:
         from arra_ds.config import ConfigError

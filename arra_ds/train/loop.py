@@ -112,8 +112,8 @@ def _model_flops_per_token(model, seq_len: int) -> float:
 
 def run_training(cfg, ds_config_path: str | Path) -> dict:
     """Train per ``cfg`` (a validated RunConfig) with the DeepSpeed JSON at ``ds_config_path``."""
-    from arra_ds.config import ConfigError, save_config
-    from arra_ds.data.loader import build_dataloader, build_dataset, feature_dim_of, prepare_data_dir
+    from arra_ds.config import save_config
+    from arra_ds.data.loader import build_dataloader, build_dataset, feature_dim_of, prepare_data_dir, resolve_feature_dim
     from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config
     from arra_ds.train.flops import peak_flops
     from arra_ds.train.metrics import MetricsLogger
@@ -133,13 +133,7 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
     feature_column = cfg.align.feature_column if cfg.align.enabled else None
     dataset = build_dataset(cfg.data, micro, cfg.seed, feature_column, remote, local)
     if cfg.align.enabled:
-        data_dim = feature_dim_of(dataset, feature_column)
-        if cfg.align.feature_dim and cfg.align.feature_dim != data_dim:
-            raise ConfigError(
-                f"align.feature_dim={cfg.align.feature_dim} but the data column {feature_column} holds "
-                f"{data_dim}-d features; drop align.feature_dim (it is read from the data) or use matching data"
-            )
-        cfg.align.feature_dim = data_dim
+        cfg.align.feature_dim = resolve_feature_dim(cfg.align, feature_dim_of(dataset, feature_column))
 
     hidden_size = cfg.model.debug.hidden_size if cfg.model.source == "debug" else None
     if hidden_size is None:
