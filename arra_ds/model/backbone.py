@@ -40,6 +40,7 @@ class DebugModelConfig:
     intermediate_size: int = 128
     num_image_codes: int = 256
     max_position_embeddings: int = 4096
+    vocab_size: int = 0  # 0 = the debug vocabulary rounded up to 64; 65536 gives Chameleon's LM-head shape
 
     def validate(self) -> None:
         from arra_ds.config import ConfigError
@@ -51,6 +52,8 @@ class DebugModelConfig:
             )
         if min(self.hidden_size, self.num_hidden_layers, self.intermediate_size, self.num_image_codes) < 1:
             raise ConfigError("model.debug sizes must all be positive")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.debug.vocab_size={self.vocab_size} must be >= 0 (0 = just the debug vocabulary)")
 
 
 @dataclass
@@ -146,6 +149,10 @@ def debug_chameleon_config(cfg: DebugModelConfig, attn_implementation: str) -> C
     tokenizer = build_debug_tokenizer(num_image_codes=cfg.num_image_codes)
     vocabulary_map = tokenizer.get_vocab(with_added_tokens=True)
     vocab_size = -(-len(vocabulary_map) // 64) * 64  # round up: friendlier matmul shapes
+    if cfg.vocab_size:
+        if cfg.vocab_size < len(vocabulary_map):
+            raise ValueError(f"model.debug.vocab_size={cfg.vocab_size} is smaller than the debug vocabulary ({len(vocabulary_map)})")
+        vocab_size = cfg.vocab_size
     # A tiny VQ config: Chameleon's default would build a 70M-parameter VQGAN we drop anyway.
     vq_config = dict(
         embed_dim=32, num_embeddings=cfg.num_image_codes, latent_channels=32, resolution=32, in_channels=3,
