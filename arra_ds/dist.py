@@ -71,6 +71,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(base: int) -> int:
+    """A per-rank seed (base * world + rank): distinct across ranks, reproducible for a given layout."""
+    return base * world_size() + rank()
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank())

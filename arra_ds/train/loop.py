@@ -143,8 +143,9 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
-    engine = Engine(cfg, ds_config)
+    engine = Engine(cfg, ds_config)  # built from the common seed: identical initialisation everywhere
     model = engine.model
+    dist.seed_everything(dist.rank_seed(cfg.seed))  # then each rank draws its own dropout masks
     loader = build_dataloader(dataset, cfg.data, micro, model.vocab.pad_id)
 
     # ---- resume -------------------------------------------------------------------------------
