@@ -80,6 +80,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads on/off/yes/no/true/false as booleans: give back the string choice so spelled
+            spellings = ("on", "yes", "true") if value else ("off", "no", "false")
+            spelled = [c for c in choices if isinstance(c, str) and c.lower() in spellings]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not a valid choice; use one of {list(choices)}")
         return value

@@ -9,6 +9,12 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Without CUDA, Triton kernels (kernels/, tests/test_kernels.py) run in Triton's CPU interpreter.
+# Triton fixes compile-vs-interpret when triton.language is first imported, and torch imports it
+# lazily (e.g. through arra_ds.model), so it must be set here, before any test module is loaded.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

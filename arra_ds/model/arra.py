@@ -18,6 +18,7 @@ from torch import nn
 from arra_ds.model.backbone import GatherContext, no_gather, load_backbone
 from arra_ds.model.losses import IGNORE_INDEX, gva_loss
 from arra_ds.model.vocab import ChameleonVocab
+from kernels import ALIGN_MAX_FEATURE_DIM, use_fused_kernel
 
 
 @dataclass
@@ -62,16 +63,24 @@ class AlignHead(nn.Module):
 
     ``mlp`` is Linear(H, D) - GELU - Linear(D, D) (the reference code's 2-layer mlp_gelu projector);
     ``maxpool`` is a parameter-free max-pool over the hidden dimension down to D.
-    The loss is computed inside ``forward`` so that ZeRO-3 gathers fc1/fc2 for it.
+    The loss is computed inside ``forward`` so that ZeRO-3 gathers fc1/fc2 for it. For the mlp
+    projector, ``fused_kernels`` (model.fused_kernels) may select the Triton kernel of
+    ``kernels.align_loss``, which computes the same loss without storing the [N, D] activations.
     """
 
-    def __init__(self, hidden_size: int, feature_dim: int, projector: str, loss_kind: str):
+    def __init__(self, hidden_size: int, feature_dim: int, projector: str, loss_kind: str, fused_kernels: str = "auto"):
         super().__init__()
         if projector == "maxpool" and feature_dim > hidden_size:
             raise ValueError(f"maxpool projector cannot widen H={hidden_size} to D={feature_dim}")
+        if projector == "mlp" and fused_kernels == "on" and feature_dim > ALIGN_MAX_FEATURE_DIM:
+            raise ValueError(
+                f"model.fused_kernels=on: the fused alignment kernel takes D <= {ALIGN_MAX_FEATURE_DIM}, "
+                f"this projector has D={feature_dim}; use model.fused_kernels=auto or off"
+            )
         self.projector = projector
         self.loss_kind = loss_kind
         self.feature_dim = feature_dim
+        self.fused_kernels = fused_kernels
         if projector == "mlp":
             self.fc1 = nn.Linear(hidden_size, feature_dim)
             self.fc2 = nn.Linear(feature_dim, feature_dim)
@@ -83,6 +92,17 @@ class AlignHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, sample_idx: torch.Tensor, targets: torch.Tensor):
         # hidden [N, H], sample_idx [N], targets [B, D] -> (loss, mean cosine)
+        if (
+            self.projector == "mlp"
+            and self.feature_dim <= ALIGN_MAX_FEATURE_DIM
+            and use_fused_kernel(self.fused_kernels, hidden)
+        ):
+            from kernels.align_loss import fused_projection_loss  # imports Triton: only where the kernel runs
+
+            fc1, fc2 = self.fc1, self.fc2
+            return fused_projection_loss(
+                hidden, sample_idx, targets, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.loss_kind
+            )
         projected = self.project(hidden)
         loss, cos = gva_loss(projected, sample_idx, targets, self.loss_kind)
         if self.projector == "mlp" and hidden.shape[0] == 0:
@@ -136,7 +156,7 @@ class ARRAOutput:
 
 
 class ARRAModel(nn.Module):
-    def __init__(self, backbone: nn.Module, vocab: ChameleonVocab, align: AlignConfig):
+    def __init__(self, backbone: nn.Module, vocab: ChameleonVocab, align: AlignConfig, fused_kernels: str = "auto"):
         super().__init__()
         self.backbone = backbone
         self.vocab = vocab
@@ -154,7 +174,7 @@ class ARRAModel(nn.Module):
                 raise ValueError("align.feature_dim must be resolved from the data before build_model")
             if not 1 <= align.layer <= num_layers:
                 raise ValueError(f"align.layer={align.layer} out of range 1..{num_layers}")
-            self.align_head = AlignHead(hidden_size, align.feature_dim, align.projector, align.loss)
+            self.align_head = AlignHead(hidden_size, align.feature_dim, align.projector, align.loss, fused_kernels)
             # hidden_states[L] in HF is the output of layers[L-1], except the last entry, which is
             # taken after the final norm.
             source = backbone.model.norm if align.layer == num_layers else backbone.model.layers[align.layer - 1]
@@ -213,7 +233,7 @@ class ARRAModel(nn.Module):
 def build_model(cfg, dtype: torch.dtype = torch.float32, gather: GatherContext = no_gather) -> ARRAModel:
     """RunConfig -> ARRAModel. ``cfg.align.feature_dim`` must already hold D (from the data)."""
     backbone, vocab = load_backbone(cfg.model, dtype=dtype, gather=gather)
-    model = ARRAModel(backbone, vocab, cfg.align)
+    model = ARRAModel(backbone, vocab, cfg.align, cfg.model.fused_kernels)
     if model.align_head is not None:
         model.align_head.to(dtype)
     return model

@@ -22,6 +22,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
 from arra_ds.model.losses import chunked_lm_loss
 from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
+from kernels import triton_interpreter_enabled, use_fused_kernel
 
 GatherContext = Callable[[Iterable[nn.Parameter]], ContextManager]
 
@@ -70,6 +71,9 @@ class ModelConfig:
     init_image_head: Literal["auto", "zero", "keep"] = "auto"
     lm_loss_chunk_size: int = 2048  # rows of the chunked LM-head loss; memory ~ chunk * vocab * 4 B
     attention_dropout: float = 0.0
+    # Triton kernels (kernels/) for the LM-head loss and the alignment projector + loss.
+    # auto: for CUDA tensors; on: always (CPU only under TRITON_INTERPRET=1, for tests); off: torch.
+    fused_kernels: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
         from arra_ds.config import ConfigError
@@ -89,6 +93,11 @@ class ModelConfig:
             raise ConfigError(f"model.lm_loss_chunk_size={self.lm_loss_chunk_size} must be >= 1")
         if self.z_loss_weight < 0:
             raise ConfigError(f"model.z_loss_weight={self.z_loss_weight} must be >= 0")
+        if self.fused_kernels == "on" and not torch.cuda.is_available() and not triton_interpreter_enabled():
+            raise ConfigError(
+                "model.fused_kernels=on needs a CUDA device (Triton kernels); on CPU use model.fused_kernels=auto "
+                "or off, or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter"
+            )
 
     def _hf_config_dict(self) -> dict:
         return json.loads((Path(self.path) / "config.json").read_text())
@@ -121,15 +130,17 @@ class LMHeadWithLoss(nn.Module):
     """Chameleon's ``lm_head`` (same parameter name, ``lm_head.weight`` [V, H]).
 
     ``head(hidden)`` gives logits as ``nn.Linear`` does (generation); ``head(hidden, targets=y)``
-    gives the chunked CE + z-loss without full logits. The loss runs inside this module's forward
-    so ZeRO-3 gathers ``weight`` for it.
+    gives the chunked CE + z-loss without full logits (the Triton kernel of ``kernels.lm_loss`` when
+    ``fused_kernels`` selects it, else the torch chunked version). The loss runs inside this
+    module's forward so ZeRO-3 gathers ``weight`` for it.
     """
 
-    def __init__(self, weight: nn.Parameter, z_loss_weight: float, chunk_size: int):
+    def __init__(self, weight: nn.Parameter, z_loss_weight: float, chunk_size: int, fused_kernels: str = "auto"):
         super().__init__()
         self.weight = weight
         self.z_loss_weight = z_loss_weight
         self.chunk_size = chunk_size
+        self.fused_kernels = fused_kernels
 
     @property
     def in_features(self) -> int:
@@ -142,6 +153,10 @@ class LMHeadWithLoss(nn.Module):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None):
         if targets is None:
             return nn.functional.linear(hidden, self.weight)
+        if use_fused_kernel(self.fused_kernels, hidden):
+            from kernels.lm_loss import fused_lm_loss  # imports Triton: only where the kernel runs
+
+            return fused_lm_loss(hidden, self.weight, targets, self.z_loss_weight, self.chunk_size)
         return chunked_lm_loss(hidden, self.weight, targets, self.z_loss_weight, self.chunk_size)
 
 
@@ -214,7 +229,7 @@ def load_backbone(
         raise ValueError(
             f"vocabulary_map has ids up to {vocab.vocab_size - 1} but the model's vocab_size is {model.config.vocab_size}"
         )
-    model.lm_head = LMHeadWithLoss(model.lm_head.weight, cfg.z_loss_weight, cfg.lm_loss_chunk_size)
+    model.lm_head = LMHeadWithLoss(model.lm_head.weight, cfg.z_loss_weight, cfg.lm_loss_chunk_size, cfg.fused_kernels)
 
     if cfg.zero_image_head():
         # Chameleon-7B was released without image generation: its image rows are untrained. Start

@@ -1,0 +1,135 @@
+"""Alignment projector + loss (ARRA's L_GVA), forward + backward: eager torch vs torch.compile vs the
+fused Triton kernel of kernels/align_loss.py.
+
+    # 7B shape on one GPU: N = 8 x 1024 aligned rows, H = 4096, D = 512, bf16
+    python bench/align_kernel.py
+    # CPU smoke run (the fused kernel runs in Triton's interpreter: its time is not a kernel time)
+    python bench/align_kernel.py --small --device cpu
+
+All implementations get the same inputs (8 samples, rows sorted by sample as the model's
+``aligned_positions`` gives them) and produce gradients for hidden and the four projector tensors.
+Prints a markdown table (time and peak extra memory, ratios vs eager) and each implementation's
+largest normwise error against eager on the loss and every gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SEVEN_B = dict(rows_per_sample=1024, samples=8, hidden=4096, dim=512)  # 512x512 image: 32 x 32 codes
+SMALL = dict(rows_per_sample=64, samples=4, hidden=256, dim=64)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help=f"CPU-sized shape {SMALL} instead of the 7B shape {SEVEN_B}")
+    p.add_argument("--rows-per-sample", type=int, help="aligned rows per sample (N = samples x this)")
+    p.add_argument("--samples", type=int, help="samples B")
+    p.add_argument("--hidden", type=int, help="backbone width H")
+    p.add_argument("--dim", type=int, help="projector width D")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--kind", choices=["cosine", "mse"], default="cosine")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--impls", default="eager,compile,fused", help="comma list of eager, compile, fused")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args(argv)
+    for key, value in (SMALL if args.small else SEVEN_B).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        # before torch pulls in triton.language: Triton picks compile vs interpret at import time
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+    import torch.nn.functional as F
+
+    from bench.harness import max_rel_error, measure, print_table
+    from kernels.align_loss import fused_projection_loss, reference_projection_loss
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu (and --small)")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    n = args.rows_per_sample * args.samples
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, args.hidden, generator=g).to(device, dtype).requires_grad_()
+    sample_idx = torch.arange(args.samples).repeat_interleave(args.rows_per_sample).to(device)
+    target = torch.randn(args.samples, args.dim, generator=g).to(device)
+    params = [
+        (torch.randn(args.dim, args.hidden, generator=g) / args.hidden**0.5).to(device, dtype).requires_grad_(),
+        (0.1 * torch.randn(args.dim, generator=g)).to(device, dtype).requires_grad_(),
+        (torch.randn(args.dim, args.dim, generator=g) / args.dim**0.5).to(device, dtype).requires_grad_(),
+        (0.1 * torch.randn(args.dim, generator=g)).to(device, dtype).requires_grad_(),
+    ]
+    leaves = [hidden, *params]
+
+    def eager(*inputs):
+        return reference_projection_loss(*inputs, kind=args.kind)[0]
+
+    def dense_loss(hidden, row_weight, target_rows, fc1_w, fc1_b, fc2_w, fc2_b):
+        # gva_loss without its data-dependent parts, so torch.compile gets one graph (fullgraph=True)
+        projected = F.linear(F.gelu(F.linear(hidden, fc1_w, fc1_b)), fc2_w, fc2_b).float()
+        if args.kind == "mse":
+            return (row_weight * (projected - target_rows).square().mean(-1)).sum()
+        cos = (F.normalize(projected, dim=-1) * F.normalize(target_rows, dim=-1)).sum(-1)
+        return 1.0 - (row_weight * cos).sum()
+
+    compiled_dense_loss = torch.compile(dense_loss, fullgraph=True)
+
+    def compiled(hidden, sample_idx, target, *params):
+        counts = torch.bincount(sample_idx, minlength=target.shape[0])
+        row_weight = (1.0 / (counts.clamp(min=1).float() * (counts > 0).sum()))[sample_idx]
+        return compiled_dense_loss(hidden, row_weight, target.float()[sample_idx], *params)
+
+    def fused(*inputs):
+        return fused_projection_loss(*inputs, kind=args.kind)[0]
+
+    impls = {
+        "eager": (eager, "AlignHead mlp + gva_loss (model torch path)"),
+        "compile": (compiled, "torch.compile(fullgraph) of the same math, row weights outside"),
+        "fused": (fused, "kernels/align_loss.py"),
+    }
+    if device.type == "cpu":
+        impls["fused"] = (fused, "Triton CPU interpreter: not a kernel time")
+
+    def run_once(fn):
+        for leaf in leaves:
+            leaf.grad = None
+        loss = fn(hidden, sample_idx, target, *params)
+        loss.backward()
+        return loss.detach(), [leaf.grad for leaf in leaves]
+
+    names = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(impls))
+    if unknown or not names or names[0] != "eager":
+        raise SystemExit(f"--impls must start with eager and use only {sorted(impls)}; got {args.impls!r}")
+    device_name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(
+        f"align loss ({args.kind}) fwd+bwd: N={n} ({args.samples} x {args.rows_per_sample}), H={args.hidden}, "
+        f"D={args.dim}, {args.dtype}, {device}{device_name}"
+    )
+    ref_loss, ref_grads = run_once(eager)
+    rows, errors = [], []
+    for name in names:
+        fn, note = impls[name]
+        loss, grads = run_once(fn)
+        errors.append((name, max_rel_error(loss, ref_loss), max(max_rel_error(a, b) for a, b in zip(grads, ref_grads))))
+        rows.append(measure(name, lambda: run_once(fn), device, args.warmup, args.iters, note))
+    print_table("time and peak extra memory (ratios vs eager)", rows)
+    print("\n| implementation | loss rel. error vs eager | max grad rel. error vs eager |\n|---|---:|---:|")
+    for name, loss_err, grad_err in errors:
+        print(f"| {name} | {loss_err:.2e} | {grad_err:.2e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""LM head + cross-entropy + z-loss, forward + backward: the Lumina-style fp32-logits path (eager) vs
+torch.compile of it, our torch chunked version, our Triton kernel (kernels/lm_loss.py) and
+Liger-Kernel's fused linear cross-entropy.
+
+    # 7B shape on one GPU: B x T = 8 x 4096 rows, H = 4096, V = 65536, bf16, z_w = 1e-5
+    python bench/lm_loss.py
+    # CPU smoke run (Triton kernels run in the interpreter: their times are not kernel times)
+    python bench/lm_loss.py --small --device cpu
+
+Every implementation produces the loss (CE + z_w * mean lse^2 over all rows) and the gradients of
+the hidden states and the head weight. Prints a markdown table (time and peak extra memory, ratios
+vs eager) and each implementation's normwise error against eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SEVEN_B = dict(rows=8 * 4096, hidden=4096, vocab=65536)
+SMALL = dict(rows=512, hidden=64, vocab=1024)
+IMPLS = ("eager", "compile", "chunked", "fused", "liger")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help=f"CPU-sized shape {SMALL} instead of the 7B shape {SEVEN_B}")
+    p.add_argument("--rows", type=int, help="supervised rows N = B x T")
+    p.add_argument("--hidden", type=int, help="H")
+    p.add_argument("--vocab", type=int, help="V")
+    p.add_argument("--z-loss-weight", type=float, default=1e-5)
+    p.add_argument("--chunk-size", type=int, default=2048, help="rows per chunk (chunked and fused)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list, eager first, of {', '.join(IMPLS)}")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    args = p.parse_args(argv)
+    for key, value in (SMALL if args.small else SEVEN_B).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        # before torch pulls in triton.language: Triton picks compile vs interpret at import time
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    from arra_ds.model.losses import IGNORE_INDEX, chunked_lm_loss, reference_lm_loss
+    from bench.harness import max_rel_error, measure, print_table
+    from kernels.lm_loss import fused_lm_loss
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu (and --small)")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    z_w = args.z_loss_weight
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.rows, args.hidden, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(args.vocab, args.hidden, generator=g) / args.hidden**0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, args.vocab, (args.rows,), generator=g).to(device)
+
+    def eager(h, w, y):
+        return reference_lm_loss(h, w, y, z_w)[0]
+
+    def chunked(h, w, y):
+        return chunked_lm_loss(h, w, y, z_w, args.chunk_size)[0]
+
+    def fused(h, w, y):
+        return fused_lm_loss(h, w, y, z_w, args.chunk_size)[0]
+
+    def liger(h, w, y):
+        # positional: bias, ce_weight, ignore_index, lse_square_scale (z_w), label_smoothing, reduction,
+        # softcap, return_z_loss, accum_dtype (fp32 dW accumulation, as ours)
+        return LigerFusedLinearCrossEntropyFunction.apply(
+            h, w, y, None, None, IGNORE_INDEX, z_w, 0.0, "mean", None, False, torch.float32
+        )[0]
+
+    interp = " (Triton CPU interpreter: not a kernel time)" if device.type == "cpu" else ""
+    impls = {
+        "eager": (eager, "Lumina-style: full logits upcast to fp32"),
+        "compile": (torch.compile(eager), "torch.compile(eager)"),
+        "chunked": (chunked, f"arra_ds torch chunked, {args.chunk_size} rows/chunk"),
+        "fused": (fused, f"kernels/lm_loss.py, {args.chunk_size} rows/chunk" + interp),
+        "liger": (liger, "Liger-Kernel 0.8.5 fused linear CE" + interp),
+    }
+    names = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(impls))
+    if unknown or not names or names[0] != "eager":
+        raise SystemExit(f"--impls must start with eager and use only {list(IMPLS)}; got {args.impls!r}")
+
+    def run_once(fn):
+        hidden.grad = weight.grad = None
+        loss = fn(hidden, weight, targets)
+        loss.backward()
+        return loss.detach(), [hidden.grad, weight.grad]
+
+    print(
+        f"LM head + CE + z-loss fwd+bwd: N={args.rows}, H={args.hidden}, V={args.vocab}, z_w={z_w}, {args.dtype}, "
+        f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
+    ref_loss, ref_grads = run_once(eager)
+    rows, errors = [], []
+    for name in names:
+        fn, note = impls[name]
+        loss, grads = run_once(fn)
+        errors.append((name, max_rel_error(loss, ref_loss), *(max_rel_error(a, b) for a, b in zip(grads, ref_grads))))
+        rows.append(measure(name, lambda: run_once(fn), device, args.warmup, args.iters, note))
+    print_table("time and peak extra memory (ratios vs eager)", rows)
+    print("\n| implementation | loss rel. error | d hidden rel. error | d weight rel. error |\n|---|---:|---:|---:|")
+    for name, *errs in errors:
+        print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+
+
+if __name__ == "__main__":
+    main()
