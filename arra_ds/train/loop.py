@@ -182,10 +182,11 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
             for micro_step in range(accum):
                 batch = next(batches)
                 out = engine.forward(batch)
-                values = torch.stack([out.loss.detach(), out.loss_ar, out.loss_gva, out.loss_z, out.cos]).double().cpu()
-                nonfinite = float(not bool(torch.isfinite(values).all()))
-                stats = torch.cat([values, torch.tensor([nonfinite, float(batch["attention_mask"].sum())], dtype=torch.float64)])
-                stats = dist.all_reduce_sum(stats)
+                # reduced on the model's device: NCCL cannot reduce CPU tensors
+                values = torch.stack([out.loss.detach(), out.loss_ar, out.loss_gva, out.loss_z, out.cos]).double()
+                nonfinite = (~torch.isfinite(values)).any().double().reshape(1)
+                tokens = torch.tensor([float(batch["attention_mask"].sum())], dtype=torch.float64, device=values.device)
+                stats = dist.all_reduce_sum(torch.cat([values, nonfinite, tokens])).cpu()
                 if stats[5] > 0:
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step + 1} (micro-batch {micro_step}) on "
