@@ -79,3 +79,23 @@ def write_prompt_json(folder: Path, prompts=PROMPTS, size: int = 64) -> Path:
     path = folder / "prompts.json"
     path.write_text(json.dumps(items))
     return path
+
+
+def write_mds(folder: Path, prompts=PROMPTS, code_size: int = 4, seed: int = 0) -> Path:
+    """A tiny pre-tokenised MDS split (tokens, prompt_len, caption, uid) with random image codes."""
+    from streaming import MDSWriter
+
+    from arra_ds.data.schema import columns_for
+    from arra_ds.data.sequence import conversation_tokens, image_to_tokens
+    from arra_ds.model.vocab import build_debug_vocab
+
+    vocab = build_debug_vocab(num_image_codes=NUM_CODES)
+    g = torch.Generator().manual_seed(seed)
+    with MDSWriter(out=str(folder), columns=columns_for([])) as writer:
+        for i, text in enumerate(prompts):
+            codes = torch.randint(0, NUM_CODES, (code_size, code_size), generator=g)
+            prompt_ids = [vocab.id(w) for w in text.split() if w in vocab.token_to_id]
+            tokens, prompt_len = conversation_tokens(prompt_ids, image_to_tokens(codes, vocab), vocab)
+            writer.write({"tokens": np.asarray(tokens, np.int32), "prompt_len": np.int32(prompt_len),
+                          "caption": text, "uid": f"img{i}"})
+    return folder

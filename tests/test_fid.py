@@ -60,6 +60,40 @@ def test_fid_of_a_set_with_itself_is_zero_also_when_singular():
     assert frechet_distance(mu, sigma, *mean_and_covariance(other)) > 10
 
 
+def test_singular_product_is_retried_with_eps(monkeypatch):
+    """The eps retry: a non-finite (or non-real) root of S1 S2 is recomputed from (S1 + eps I)(S2 + eps I)."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(3)
+    mu1, s1 = random_stats(rng, 50, 6)
+    mu2, s2 = random_stats(rng, 50, 6, shift=1.0)
+    real_sqrtm = scipy.linalg.sqrtm
+    seen = []
+
+    def failing_once(matrix):
+        seen.append(matrix.copy())
+        return np.full_like(matrix, np.nan) if len(seen) == 1 else real_sqrtm(matrix)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", failing_once)
+    value = frechet_distance(mu1, s1, mu2, s2, eps=1e-6)
+    assert len(seen) == 2
+    assert np.allclose(seen[1], (s1 + 1e-6 * np.eye(6)) @ (s2 + 1e-6 * np.eye(6)))
+    assert value == pytest.approx(independent_fid(mu1, s1, mu2, s2), rel=1e-5)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m: real_sqrtm(m) + 5j)
+    with pytest.raises(ValueError, match="not real"):
+        frechet_distance(mu1, s1, mu2, s2)
+
+
+def test_large_feature_scales_are_not_refused():
+    """Random-weight extractors give features ~1e3: round-off imaginary parts scale with them."""
+    rng = np.random.default_rng(4)
+    a = np.maximum(rng.normal(size=(12, 300)), 0) * 1000  # ReLU features, N << D
+    b = np.maximum(rng.normal(size=(6, 300)) + 0.2, 0) * 1000
+    mu1, s1 = mean_and_covariance(a)
+    mu2, s2 = mean_and_covariance(b)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(independent_fid(mu1, s1, mu2, s2), rel=1e-6)
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shape"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

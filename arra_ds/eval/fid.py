@@ -4,8 +4,9 @@
 
 Everything is float64 (features are accumulated in float64 too): in float32 the matrix square root
 of a 2048 x 2048 product loses enough digits to move FID in the first decimal. When the product is
-singular (fewer samples than feature dimensions) the square root is not finite; as pytorch-fid and
-the TTUR reference do, eps is then added to both diagonals and the root is taken again.
+singular (fewer samples than feature dimensions) the square root may come out non-finite or complex
+beyond round-off; as pytorch-fid and the TTUR reference do, eps is then added to both diagonals and
+the root is taken again.
 
 A statistics file (``.npz``) carries ``mu``, ``sigma``, ``num_samples`` and the extractor's name
 and weights hash; ``load_stats`` refuses a file made with another extractor or other weights, the
@@ -15,6 +16,7 @@ most common reason for FID numbers that do not reproduce.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,17 +41,33 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = SINGULAR_EPS) -> flo
         raise ValueError(f"covariances {sigma1.shape}, {sigma2.shape} do not match the mean width {mu1.shape[0]}")
 
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # Round-off gives tiny imaginary parts; large ones mean the statistics are broken.
-        largest = np.max(np.abs(covmean.imag))
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAGINARY_TOLERANCE):
-            raise ValueError(f"matrix square root has an imaginary component of {largest:.3g}; are the covariances valid?")
-        covmean = covmean.real
+    with warnings.catch_warnings():
+        # scipy warns on singular products; the result is checked below and retried with eps
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not _usable_root(covmean):
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if not _usable_root(covmean):
+        raise ValueError(
+            f"matrix square root of the covariance product is not real (imaginary part up to "
+            f"{np.max(np.abs(np.imag(covmean))):.3g}) even with eps={eps}; are the covariances valid?"
+        )
+    covmean = np.real(covmean)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _usable_root(root: np.ndarray) -> bool:
+    """Finite, and real up to round-off: the imaginary part of the diagonal is below
+    ``IMAGINARY_TOLERANCE`` relative to the diagonal's scale (pytorch-fid uses an absolute 1e-3, which
+    wrongly refuses features of large magnitude)."""
+    if not np.isfinite(root).all():
+        return False
+    if not np.iscomplexobj(root):
+        return True
+    diagonal = np.diagonal(root)
+    scale = max(1.0, float(np.max(np.abs(diagonal.real))))
+    return float(np.max(np.abs(diagonal.imag))) <= IMAGINARY_TOLERANCE * scale
 
 
 def mean_and_covariance(features) -> tuple[np.ndarray, np.ndarray]:
