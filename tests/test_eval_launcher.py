@@ -11,8 +11,8 @@ import torch
 
 from arra_ds.config import from_dict
 from arra_ds.eval.runner import EvalConfig, run_eval
-from tests.conftest import REPO_ROOT, launcher, subprocess_env
-from tests.gen_helpers import PROMPTS, save_backbone_dir, save_vqgan, write_prompt_json
+from conftest import REPO_ROOT, launcher, subprocess_env
+from gen_helpers import PROMPTS, save_backbone_dir, save_vqgan, write_prompt_json
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from arra_ds.generate.sampling import (
     sample_top_k,
     seed_for_sample,
 )
-from tests.gen_helpers import tiny_backbone, tiny_vqgan
+from gen_helpers import tiny_backbone, tiny_vqgan
 
 
 @pytest.fixture(autouse=True)

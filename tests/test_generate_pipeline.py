@@ -16,8 +16,8 @@ from arra_ds.generate.loading import ModelLoadError, load_for_generation, load_v
 from arra_ds.generate.pipeline import GenerateConfig, run_generate
 from arra_ds.generate.prompts import load_prompts
 from arra_ds.model.vocab import build_debug_vocab
-from tests.conftest import REPO_ROOT
-from tests.gen_helpers import NUM_CODES, PROMPTS, save_backbone_dir, save_vqgan, write_mds, write_prompt_json
+from conftest import REPO_ROOT
+from gen_helpers import NUM_CODES, PROMPTS, save_backbone_dir, save_vqgan, write_mds, write_prompt_json
 
 
 @pytest.fixture(autouse=True)

@@ -40,11 +40,11 @@ REFERENCE_FROM_PROMPTS = "prompts"
 class RealImages:
     """Real images at the generated size; unreadable ones are recorded and skipped, never fatal."""
 
-    def __init__(self, height: int, width: int, vqgan_config: str = "", vqgan_checkpoint: str = "", device="cpu"):
+    def __init__(self, height: int, width: int, vqgan_config: str = "", vqgan_checkpoint: str = "", device="cpu", decoder=None):
         self.height, self.width = height, width
         self._vqgan = (vqgan_config, vqgan_checkpoint)
         self._device = device
-        self._decoder = None
+        self._decoder = decoder  # loaded on first use when None
         self.failures: dict[str, str] = {}  # image -> reason
 
     def _decoder_for_codes(self):
