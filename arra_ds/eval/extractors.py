@@ -77,7 +77,7 @@ def _load_state_dict_file(path: Path) -> dict:
 
 def _load_strict(module: nn.Module, state: dict, path: Path, ignore_missing: tuple[str, ...] = ()) -> None:
     result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith(ignore_missing)] if ignore_missing else list(result.missing_keys)
+    missing = [k for k in result.missing_keys if not (ignore_missing and k.endswith(ignore_missing))]
     if missing or result.unexpected_keys:
         raise ValueError(
             f"weights file {path} does not match the {type(module).__name__} layout: "
@@ -108,7 +108,9 @@ class FeatureExtractor:
     @torch.inference_mode()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"extractor '{self.name}' expects uint8 RGB [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"extractor '{self.name}' expects uint8 RGB [B, 3, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
         inputs = self.preprocess(images.to(self.device))
         return self.network(inputs).double().cpu()
 

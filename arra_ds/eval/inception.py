@@ -104,9 +104,8 @@ class BlockC(nn.Module):
     def forward(self, x):
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            bd = layer(bd)
+        bd = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd))
         bp = self.branch_pool(_tf_avg_pool(x))
         return torch.cat([b1, b7, bd, bp], 1)
 

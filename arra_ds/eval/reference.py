@@ -40,7 +40,9 @@ REFERENCE_FROM_PROMPTS = "prompts"
 class RealImages:
     """Real images at the generated size; unreadable ones are recorded and skipped, never fatal."""
 
-    def __init__(self, height: int, width: int, vqgan_config: str = "", vqgan_checkpoint: str = "", device="cpu", decoder=None):
+    def __init__(
+        self, height: int, width: int, vqgan_config: str = "", vqgan_checkpoint: str = "", device="cpu", decoder=None
+    ):
         self.height, self.width = height, width
         self._vqgan = (vqgan_config, vqgan_checkpoint)
         self._device = device
@@ -99,7 +101,8 @@ def compute_reference_stats(
 ) -> dict[str, FeatureStats]:
     """Features of ``items`` on all ranks (chunk c on rank c % world), gathered; name -> stats."""
     local: dict[str, tuple[list, list]] = {e.name: ([], []) for e in extractors}
-    for chunk in tqdm(my_chunks(len(items), batch_size), disable=not (progress and dist.is_rank0()), desc="reference", dynamic_ncols=True):
+    chunks = my_chunks(len(items), batch_size)
+    for chunk in tqdm(chunks, disable=not (progress and dist.is_rank0()), desc="reference", dynamic_ncols=True):
         images, indices = [], []
         for i in chunk:
             image = real.get(items[i])

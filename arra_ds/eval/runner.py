@@ -129,7 +129,8 @@ def _per_sample_metrics(cfg, samples, chunks, images_dir, extractors, clip, real
             if kept:
                 generated = torch.stack([image for _, image in kept])
                 paired_real = to_chw_batch([reals[samples[k].prompt.index] for k, _ in kept])
-                add("ms_ssim_paired", [k for k, _ in kept], ms_ssim_per_pair(generated, paired_real, cfg.ms_ssim_config).numpy())
+                scores = ms_ssim_per_pair(generated, paired_real, cfg.ms_ssim_config).numpy()
+                add("ms_ssim_paired", [k for k, _ in kept], scores)
     return out
 
 
@@ -161,7 +162,8 @@ def _write_tensorboard(cfg, out_dir: Path, samples, images_dir: Path, metrics: d
     writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
     shown = samples[: cfg.grid_size]
     if shown:
-        grid = make_grid(to_chw_batch([load_rgb(images_dir / s.file_name) for s in shown]), nrow=int(np.ceil(np.sqrt(len(shown)))))
+        images = to_chw_batch([load_rgb(images_dir / s.file_name) for s in shown])
+        grid = make_grid(images, nrow=int(np.ceil(np.sqrt(len(shown)))))
         writer.add_image("eval/samples", grid, step)
     for name, value in metrics.items():
         if value is not None:
@@ -195,7 +197,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         model = load_for_generation(cfg.model, resolve_dtype(cfg.precision), device, cfg.tokenizer)
         decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
         sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
-        generated, reused = generate_missing(sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar)
+        generated, reused = generate_missing(
+            sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar
+        )
         del model, sampler, decoder
         gc.collect()
         if torch.cuda.is_available():
@@ -227,9 +231,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     to_compute = [e for e in extractors if e.name not in reference] if cfg.reference else []
     if to_compute:
         items = reference_items(cfg.reference, prompt_set, vocab, cfg.reference_limit)
-        source = {"reference": cfg.reference, "num_items": len(items), "height": cfg.sampling.height, "width": cfg.sampling.width}
+        source = {
+            "reference": cfg.reference, "num_items": len(items), "height": cfg.sampling.height, "width": cfg.sampling.width,
+        }
         cache_dir = out_dir / "reference"
-        computed = cached_or_computed_stats(to_compute, items, real, cfg.feature_batch_size, source, cache_dir, cfg.progress_bar)
+        computed = cached_or_computed_stats(
+            to_compute, items, real, cfg.feature_batch_size, source, cache_dir, cfg.progress_bar
+        )
         reference.update(computed)
         reference_files.update({name: str(cache_dir / f"{name}.npz") for name in computed})
     real_failures = real.report_failures()
@@ -255,7 +263,9 @@ def run_eval(cfg: EvalConfig) -> dict:
             gen = FeatureStats.from_features(features, e.name, e.weights_hash)
             ref = reference[e.name]
             metrics[key] = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
-            reference_info[e.name] = {"stats_file": reference_files[e.name], "num_samples": ref.num_samples, "source": ref.source}
+            reference_info[e.name] = {
+                "stats_file": reference_files[e.name], "num_samples": ref.num_samples, "source": ref.source,
+            }
     metrics["ms_ssim_paired"] = float(paired.mean()) if paired is not None and len(paired) else None
     metrics["ms_ssim_diversity"] = float(diversity.mean()) if diversity is not None and len(diversity) else None
     metrics["clip_score"] = float(clip_scores.mean()) if clip_scores is not None and len(clip_scores) else None
@@ -299,5 +309,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.tensorboard:
         _write_tensorboard(cfg, out_dir, samples, images_dir, metrics, model_info.get("step") or 0)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
-    print(f"eval done: {len(samples)} samples ({generated} generated, {reused} reused); {shown}; report {out_dir / 'report.json'}", flush=True)
+    print(
+        f"eval done: {len(samples)} samples ({generated} generated, {reused} reused); {shown}; "
+        f"report {out_dir / 'report.json'}",
+        flush=True,
+    )
     return report

@@ -112,7 +112,8 @@ class TrainEvaluator:
             h, w = self.prompts.prompts[0].real_codes.shape
             factor = self.decoder.downsample_factor
             if factor * CODES_PER_GRID_CELL != GRID_CELL_PIXELS:
-                raise ValueError(f"the VQGAN downsamples by {factor}; the sampler's layout needs {GRID_CELL_PIXELS // CODES_PER_GRID_CELL}")
+                needed = GRID_CELL_PIXELS // CODES_PER_GRID_CELL
+                raise ValueError(f"the VQGAN downsamples by {factor}; the sampler's image layout needs {needed}")
             self.sampling = replace(cfg.sampling, height=h * factor, width=w * factor)
         self.samples = build_samples(self.prompts, 1, self.sampling.seed)
         self.reference = None
@@ -140,9 +141,12 @@ class TrainEvaluator:
             logger.log(step, scalars)
             logger.add_image("eval/samples", grid, step)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in scalars.items())
-            print(f"eval at step {step}: {shown or 'no reference statistics'}; images in {self.out_dir}/step_{step:08d}", flush=True)
+            where = self.out_dir / f"step_{step:08d}"
+            print(f"eval at step {step}: {shown or 'no reference statistics'}; images in {where}", flush=True)
 
-    def run(self, backbone: nn.Module, gather: GatherContext, step: int, dtype: torch.dtype) -> tuple[dict, np.ndarray | None]:
+    def run(
+        self, backbone: nn.Module, gather: GatherContext, step: int, dtype: torch.dtype
+    ) -> tuple[dict, np.ndarray | None]:
         """Generate, decode, score. Returns ({"eval/fid_<extractor>": value}, grid [3, H, W] uint8 on rank 0)."""
         from torchvision.utils import make_grid
 

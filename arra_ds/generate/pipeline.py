@@ -96,7 +96,8 @@ def generate_missing(
     """Generate and write the samples of ``chunks`` whose PNG is missing; returns (generated, reused)."""
     generated = reused = 0
     prompt_ids: dict[int, list[int]] = {}
-    bar = tqdm(total=sum(len(c) for c in chunks), disable=not (progress and dist.is_rank0()), desc="generate", dynamic_ncols=True)
+    total = sum(len(c) for c in chunks)
+    bar = tqdm(total=total, disable=not (progress and dist.is_rank0()), desc="generate", dynamic_ncols=True)
     for chunk in chunks:
         specs = [samples[k] for k in chunk]
         todo = [s for s in specs if not (images_dir / s.file_name).is_file()]
@@ -170,7 +171,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
         model = load_for_generation(cfg.model, resolve_dtype(cfg.precision), device, cfg.tokenizer)
         decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
         sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
-        generated, reused = generate_missing(sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar)
+        generated, reused = generate_missing(
+            sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar
+        )
     else:
         reused = sum(len(c) for c in chunks)
     dist.barrier()

@@ -161,7 +161,7 @@ class ImageSampler:
         hidden = self._forward(input_ids, attention_mask, position_ids, cache)
         next_position = position_ids[:, -1:] + 1  # [R, 1]
 
-        body = torch.empty((batch, layout.body_length), dtype=torch.long)
+        body = torch.empty((batch, layout.body_length), dtype=torch.long, device=device)  # copied to the host once
         for step in range(layout.body_length):
             forced = layout.forced_token(step, vocab)
             if forced is not None:
@@ -173,7 +173,7 @@ class ImageSampler:
                     cond = classifier_free_guidance(cond, logits[batch:], cfg.guidance_scale)
                 cond = restrict_to(cond, image_mask)
                 tokens = sample_top_k(cond, cfg.image_top_k, cfg.temperature, draw_uniforms(generators))
-            body[:, step] = tokens.cpu()
+            body[:, step] = tokens
             if step == layout.body_length - 1 and not cfg.max_text_tokens:
                 break  # nothing reads the state after <eoss>
             feed = torch.cat([tokens, tokens]) if guided else tokens
@@ -181,9 +181,12 @@ class ImageSampler:
             hidden = self._forward(feed[:, None], attention_mask, next_position, cache)
             next_position = next_position + 1
 
-        text = self._sample_text(hidden, generators, attention_mask, next_position, cache, guided) if cfg.max_text_tokens else [[] for _ in range(batch)]
+        text = [[] for _ in range(batch)]
+        if cfg.max_text_tokens:
+            text = self._sample_text(hidden, generators, attention_mask, next_position, cache, guided)
 
         prefix = layout.prefix(vocab)
+        body = body.cpu()
         image_tokens = [prefix + body[i].tolist() for i in range(batch)]
         codes = torch.stack([tokens_to_image(t, vocab) for t in image_tokens])  # [B, h, w]; checks the layout
         return SampleBatch(codes=codes, image_tokens=image_tokens, text_tokens=text)
@@ -199,7 +202,8 @@ class ImageSampler:
         for _ in range(cfg.max_text_tokens):
             logits = self._logits(hidden[:batch])
             rows = active.nonzero().squeeze(1)
-            drawn = sample_top_k(logits[rows.to(device)], cfg.text_top_k, cfg.temperature, draw_uniforms(generators, rows)).cpu()
+            uniforms = draw_uniforms(generators, rows)
+            drawn = sample_top_k(logits[rows.to(device)], cfg.text_top_k, cfg.temperature, uniforms).cpu()
             tokens = torch.full((batch,), vocab.pad_id, dtype=torch.long)
             tokens[rows] = drawn
             for row, token in zip(rows.tolist(), drawn.tolist()):
