@@ -132,6 +132,43 @@ def test_inception_layout_is_pytorch_fid_weights_layout(tmp_path):
     assert torch.equal(extractor.network.Mixed_7c.branch_pool.conv.weight, reference.Mixed_7c.branch_pool.conv.weight)
 
 
+def test_inception_matches_pytorch_fid_structure():
+    """Same weights in torchvision's Inception3 with pytorch-fid's FID patches (average pools that
+    ignore padding in the A, C and E blocks, a max pool in Mixed_7c) give the same pool3 features."""
+    import torch.nn.functional as F
+    import torchvision.models.inception as tv_inception
+
+    torch.manual_seed(0)
+    ours = FIDInceptionV3().eval()
+    for module in ours.modules():  # non-trivial batch-norm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    reference = tv_inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False).eval()
+    reference.load_state_dict(ours.state_dict())
+    in_last_block = []
+    reference.Mixed_7c.register_forward_pre_hook(lambda *_: in_last_block.append(True))
+    plain_avg_pool = F.avg_pool2d
+
+    def fid_pool(x, kernel_size, stride=None, padding=0, **kwargs):
+        if in_last_block:
+            return F.max_pool2d(x, kernel_size, stride, padding)
+        return plain_avg_pool(x, kernel_size, stride, padding, count_include_pad=False)
+
+    images = torch.rand(2, 3, 120, 100)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tv_inception.F, "avg_pool2d", fid_pool)
+        x = 2 * F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) - 1
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                     "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"):
+            x = getattr(reference, name)(x)
+        expected = x.flatten(1)
+    assert in_last_block  # the patch saw the last block
+    with torch.no_grad():  # (outside the patch: it replaces torch.nn.functional.avg_pool2d itself)
+        assert torch.allclose(ours(images), expected, atol=1e-5)
+
+
 def test_inception_extractor_random_weights():
     extractor = build_extractor("inception", "random")
     images = torch.randint(0, 256, (2, 3, 80, 64), dtype=torch.uint8)
@@ -155,11 +192,17 @@ def test_xrv_extractor_random_weights_and_preprocessing(tmp_path):
     black = xrv_preprocess(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
     assert torch.equal(black, torch.full_like(black, -1024.0))
 
+    # at 224 px no resize happens: exactly torchxrayvision's normalize(img, 255).mean(2)
+    import torchxrayvision as xrv
+
+    pixels = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    theirs = torch.from_numpy(xrv.datasets.normalize(pixels, 255).mean(2)[None, None].astype(np.float32))
+    ours = xrv_preprocess(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    assert torch.allclose(ours, theirs, atol=1e-3)
+
     features = extractor.extract(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
     assert features.shape == (3, 1024) and torch.isfinite(features).all()
     # a torchxrayvision-format weights file (a pickled DenseNet) loads and changes the hash
-    import torchxrayvision as xrv
-
     torch.manual_seed(5)
     densenet = xrv.models.DenseNet(weights=None)
     torch.save(densenet, tmp_path / "xrv.pt")
