@@ -25,6 +25,7 @@ from typing import Any, Iterable, Literal, get_args, get_origin
 import yaml
 
 from arra_ds.data.loader import DataConfig
+from arra_ds.eval.train_eval import TrainEvalConfig
 from arra_ds.model.arra import AlignConfig
 from arra_ds.model.backbone import ModelConfig
 from arra_ds.train.loop import TrainConfig
@@ -46,12 +47,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)  # used when train.eval_every > 0
     output_dir: str = "runs/debug"
     seed: int = 0
 
     def validate(self) -> None:
         for section in (self.model, self.align, self.data, self.optim, self.train):
             section.validate()
+        if self.train.eval_every:
+            self.eval.validate()
         num_layers = self.model.num_hidden_layers()
         if self.align.enabled and not 1 <= self.align.layer <= num_layers:
             raise ConfigError(

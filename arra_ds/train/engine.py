@@ -9,10 +9,11 @@ weight edits that need a whole tensor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Iterable
 
 import torch
 
@@ -205,6 +206,16 @@ class Engine:
 
     def train(self) -> None:
         self.engine.train()
+
+    def gathered_for_reading(self, params: Iterable[torch.nn.Parameter]) -> ContextManager:
+        """Context in which ``params`` hold their full values on every rank (read-only: changes are
+        dropped on exit). Under ZeRO-3 a collective, so every rank must enter it for the same params;
+        below ZeRO-3 parameters are whole already. Used to copy weights into an inference model."""
+        if zero_stage(self.ds_config) != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, ckpt_root: str | Path, tag: str, client_state: dict) -> None:

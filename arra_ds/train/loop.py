@@ -29,6 +29,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    eval_every: int = 0  # steps between in-training evaluations (sample grid + FID, see eval.*); 0 = off
     resume: str = ""  # "" (fresh), "auto" (latest checkpoint in output_dir if any) or a checkpoint dir
     tensorboard: bool = True
     progress_bar: bool = True
@@ -51,8 +52,8 @@ class TrainConfig:
 
         if self.max_steps < 1 or self.micro_batch_size < 1 or self.log_every < 1:
             raise ConfigError("train.max_steps, train.micro_batch_size and train.log_every must be >= 1")
-        if self.save_every < 0 or self.global_batch_size < 0:
-            raise ConfigError("train.save_every and train.global_batch_size must be >= 0")
+        if self.save_every < 0 or self.global_batch_size < 0 or self.eval_every < 0:
+            raise ConfigError("train.save_every, train.eval_every and train.global_batch_size must be >= 0")
         if self.global_batch_size and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
@@ -160,6 +161,11 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
         dist.print0(f"resumed from {target[0] / target[1]} at step {start_step} ({samples_seen} samples seen)")
 
     logger = MetricsLogger(run_dir, is_rank0, cfg.train.tensorboard, resume_step=start_step if target else None)
+    evaluator = None
+    if cfg.train.eval_every:
+        from arra_ds.eval.train_eval import TrainEvaluator
+
+        evaluator = TrainEvaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, source=cfg.data.path)
     peak = peak_flops()
     flops_per_token = _model_flops_per_token(model, cfg.data.max_seq_len) if peak else None
     global_batch = micro * accum * world
@@ -230,6 +236,8 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
                 }
                 engine.save(ckpt_root, tag, client_state)
                 last_saved = ckpt_root / tag
+            if evaluator is not None and done % cfg.train.eval_every == 0:
+                evaluator.log(engine, done, logger)
     finally:
         progress.close()
         logger.close()

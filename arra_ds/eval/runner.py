@@ -1,0 +1,317 @@
+"""Distributed evaluation: generate PNGs, extract features per rank, gather, report.
+
+    torchrun --nproc_per_node=N launch/eval.py model=<ckpt or HF dir> prompts=<txt|json|MDS> \
+        vqgan_config=vqgan.yaml vqgan_checkpoint=vqgan.ckpt extractors=[xrv] clip_model=biomedclip
+
+Generation is ``arra_ds.generate.pipeline`` (per-sample seeds, fixed batches, chunk c on rank
+c % world, resumable). Metrics read the PNGs back in the same chunks, so a resumed run, and a run
+on any number of ranks, reports what an uninterrupted single-rank run would:
+
+- ``fid_<extractor>`` for each extractor, against reference statistics (see ``eval/reference.py``);
+- ``ms_ssim_paired`` (the paper's form: generated vs its prompt's real image; higher is better) and
+  ``ms_ssim_diversity`` (among the samples of one prompt; lower is more diverse);
+- ``clip_score`` (mean image-prompt cosine; prompts over the text context are truncated and counted).
+
+Outputs in ``output_dir``: ``images/``, ``samples.jsonl``, ``reference/<extractor>.npz`` (cached
+reference statistics), ``report.json`` and ``tensorboard/`` (sample grid + metric scalars at the
+checkpoint's step).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from arra_ds import dist
+from arra_ds.eval.extractors import build_extractor
+from arra_ds.eval.fid import FeatureStats, frechet_distance, load_stats
+from arra_ds.eval.msssim import MSSSIMConfig, diversity_ms_ssim, ms_ssim_per_pair
+from arra_ds.eval.reference import REFERENCE_FROM_PROMPTS, RealImages, cached_or_computed_stats, reference_items
+from arra_ds.generate.distributed import gather_rows, init_from_env, my_chunks, sum_over_ranks
+from arra_ds.generate.images import load_rgb, to_chw_batch
+from arra_ds.generate.pipeline import (
+    SampleSpec,
+    build_samples,
+    generate_missing,
+    load_decoder,
+    resolve_dtype,
+    write_manifest,
+)
+from arra_ds.generate.prompts import PromptSet, load_prompts
+from arra_ds.generate.sampling import SamplingConfig
+
+PAIRED_FORM = "generated image vs the real image of its prompt, mean over samples (the paper's MS-SSIM, higher is better)"
+DIVERSITY_FORM = "mean over pairs of samples of one prompt, then over prompts (diversity, lower is more diverse)"
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""  # trainer checkpoint (run dir / checkpoints / step dir) or HF model directory
+    tokenizer: str = ""  # prompt tokenizer JSON; default: the model's (debug tokenizer for debug models)
+    vqgan_config: str = ""  # Chameleon vqgan.yaml
+    vqgan_checkpoint: str = ""  # Chameleon vqgan.ckpt
+    prompts: str = ""  # .txt (one per line), conversation .json (with real images) or MDS directory
+    num_prompts: int = 0  # first n prompts; 0 = all
+    samples_per_prompt: int = 1
+    batch_size: int = 8  # samples per generation batch; fixes the batches, keep it when resuming
+    output_dir: str = "runs/eval"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # backbone dtype; auto = bf16 on GPU
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    extractors: list[str] = field(default_factory=lambda: ["inception"])  # inception, xrv
+    extractor_weights: dict[str, str] = field(default_factory=dict)  # name -> file | "random"; else the cache
+    # real images for FID: "prompts" (those of the prompt source), an image folder, an MDS directory,
+    # or "" (no FID); statistics are cached in <output_dir>/reference/<extractor>.npz
+    reference: str = REFERENCE_FROM_PROMPTS
+    reference_stats: dict[str, str] = field(default_factory=dict)  # name -> precomputed .npz (checked)
+    reference_limit: int = 0  # first n reference images; 0 = all
+    feature_batch_size: int = 32  # reference images per extractor pass
+    clip_model: str = ""  # "" = no CLIP-Score; biomedclip, hf-hub:..., local-dir:..., ARCH:WEIGHTS, random
+    ms_ssim: bool = True
+    ms_ssim_config: MSSSIMConfig = field(default_factory=MSSSIMConfig)
+    grid_size: int = 16  # samples in the tensorboard grid
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        from arra_ds.config import ConfigError
+        from arra_ds.eval.extractors import EXTRACTORS
+
+        if not self.model:
+            raise ConfigError("model=<trainer checkpoint or HF model dir> is required")
+        if not self.prompts:
+            raise ConfigError("prompts=<.txt | conversation .json | MDS dir> is required")
+        if not self.vqgan_config or not self.vqgan_checkpoint:
+            raise ConfigError("vqgan_config=<vqgan.yaml> and vqgan_checkpoint=<vqgan.ckpt> are required (the image decoder)")
+        if self.samples_per_prompt < 1 or self.batch_size < 1 or self.feature_batch_size < 1:
+            raise ConfigError("samples_per_prompt, batch_size and feature_batch_size must be >= 1")
+        if self.num_prompts < 0 or self.reference_limit < 0 or self.grid_size < 0:
+            raise ConfigError("num_prompts, reference_limit and grid_size must be >= 0")
+        unknown = [e for e in [*self.extractors, *self.extractor_weights, *self.reference_stats] if e not in EXTRACTORS]
+        if unknown:
+            raise ConfigError(f"unknown extractor(s) {unknown}; available: {sorted(EXTRACTORS)}")
+        self.sampling.validate()
+        self.ms_ssim_config.validate()
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def _per_sample_metrics(cfg, samples, chunks, images_dir, extractors, clip, real: RealImages | None, progress):
+    """Features, CLIP scores and paired MS-SSIM of this rank's samples: name -> (indices, values)."""
+    out: dict[str, tuple[list, list]] = {}
+
+    def add(name, indices, values):
+        out.setdefault(name, ([], []))
+        out[name][0].append(np.asarray(indices, np.int64))
+        out[name][1].append(np.asarray(values, np.float64))
+
+    for chunk in tqdm(chunks, disable=not (progress and dist.is_rank0()), desc="metrics", dynamic_ncols=True):
+        specs = [samples[k] for k in chunk]
+        batch = to_chw_batch([load_rgb(images_dir / s.file_name) for s in specs])
+        indices = [s.index for s in specs]
+        for e in extractors:
+            add(f"features/{e.name}", indices, e.extract(batch).numpy())
+        if clip is not None:
+            add("clip_score", indices, clip.scores(batch, [s.prompt.text for s in specs]))
+            add("clip_truncated", indices, clip.truncated([s.prompt.text for s in specs]))
+        if real is not None:
+            reals: dict[int, np.ndarray | None] = {}
+            for s in specs:  # one read per prompt, however many samples it has
+                if s.prompt.index not in reals:
+                    reals[s.prompt.index] = real.get(s.prompt)
+            kept = [(s.index, image) for s, image in zip(specs, batch) if reals[s.prompt.index] is not None]
+            if kept:
+                generated = torch.stack([image for _, image in kept])
+                paired_real = to_chw_batch([reals[samples[k].prompt.index] for k, _ in kept])
+                scores = ms_ssim_per_pair(generated, paired_real, cfg.ms_ssim_config).numpy()
+                add("ms_ssim_paired", [k for k, _ in kept], scores)
+    return out
+
+
+def _gather_metric(local: dict, name: str, width: int | None = None) -> np.ndarray:
+    indices, values = local.get(name, ([], []))
+    idx = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    if values:
+        val = np.concatenate(values)
+    else:
+        val = np.zeros((0, width) if width else (0,))
+    return gather_rows(idx, val)[1]
+
+
+def _diversity(cfg, samples: list[SampleSpec], prompt_set: PromptSet, images_dir: Path) -> np.ndarray:
+    """Per-prompt diversity MS-SSIM; prompt p is scored on rank p % world."""
+    S = cfg.samples_per_prompt
+    indices, values = [], []
+    for p in prompt_set.prompts[dist.rank() :: dist.world_size()]:
+        images = to_chw_batch([load_rgb(images_dir / samples[p.index * S + r].file_name) for r in range(S)])
+        indices.append(p.index)
+        values.append(diversity_ms_ssim(images, cfg.ms_ssim_config))
+    return gather_rows(np.asarray(indices, np.int64), np.asarray(values, np.float64))[1]
+
+
+def _write_tensorboard(cfg, out_dir: Path, samples, images_dir: Path, metrics: dict, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+    from torchvision.utils import make_grid
+
+    writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    shown = samples[: cfg.grid_size]
+    if shown:
+        images = to_chw_batch([load_rgb(images_dir / s.file_name) for s in shown])
+        grid = make_grid(images, nrow=int(np.ceil(np.sqrt(len(shown)))))
+        writer.add_image("eval/samples", grid, step)
+    for name, value in metrics.items():
+        if value is not None:
+            writer.add_scalar(f"eval/{name}", value, step)
+    writer.flush()
+    writer.close()
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Run the evaluation on this rank; returns the report on rank 0 and {} elsewhere."""
+    from arra_ds.eval.clip_score import build_clip_scorer
+    from arra_ds.generate.loading import describe_model, load_for_generation, load_vocab
+    from arra_ds.generate.sampler import ImageSampler
+
+    cfg.validate()
+    start = time.perf_counter()
+    device = init_from_env()
+    out_dir = Path(cfg.output_dir)
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    model_info = describe_model(cfg.model)
+    vocab = load_vocab(cfg.model)
+    prompt_set = load_prompts(cfg.prompts, vocab, cfg.num_prompts)
+    samples = build_samples(prompt_set, cfg.samples_per_prompt, cfg.sampling.seed)
+    chunks = my_chunks(len(samples), cfg.batch_size)
+    dist.print0(f"eval: {len(prompt_set.prompts)} prompts x {cfg.samples_per_prompt} samples on {dist.world_size()} rank(s)")
+
+    # ---- generate what is missing --------------------------------------------------------------
+    generated, reused = 0, sum(len(c) for c in chunks)
+    if any(not (images_dir / samples[k].file_name).is_file() for c in chunks for k in c):
+        model = load_for_generation(cfg.model, resolve_dtype(cfg.precision), device, cfg.tokenizer)
+        decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
+        sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
+        generated, reused = generate_missing(
+            sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar
+        )
+        del model, sampler, decoder
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    dist.barrier()
+    generated, reused = sum_over_ranks([generated, reused])
+    if dist.is_rank0():
+        write_manifest(samples, out_dir / "samples.jsonl")
+
+    # ---- per-sample metrics (this rank's chunks), gathered in sample order ---------------------
+    extractors = [build_extractor(name, cfg.extractor_weights.get(name, "")).to(device) for name in cfg.extractors]
+    clip = build_clip_scorer(cfg.clip_model, device) if cfg.clip_model else None
+    real = RealImages(cfg.sampling.height, cfg.sampling.width, cfg.vqgan_config, cfg.vqgan_checkpoint, device)
+    paired_real = real if (cfg.ms_ssim and prompt_set.has_real_images) else None
+    local = _per_sample_metrics(cfg, samples, chunks, images_dir, extractors, clip, paired_real, cfg.progress_bar)
+    generated_features = {e.name: _gather_metric(local, f"features/{e.name}", e.feature_dim) for e in extractors}
+    clip_scores = _gather_metric(local, "clip_score") if clip else None
+    clip_truncated = _gather_metric(local, "clip_truncated") if clip else None
+    paired = _gather_metric(local, "ms_ssim_paired") if paired_real else None
+    diversity = _diversity(cfg, samples, prompt_set, images_dir) if cfg.ms_ssim and cfg.samples_per_prompt > 1 else None
+
+    # ---- reference statistics ------------------------------------------------------------------
+    reference: dict[str, FeatureStats] = {}
+    reference_files: dict[str, str] = {}
+    for e in extractors:
+        if e.name in cfg.reference_stats:
+            reference[e.name] = load_stats(cfg.reference_stats[e.name], e.name, e.weights_hash)
+            reference_files[e.name] = cfg.reference_stats[e.name]
+    to_compute = [e for e in extractors if e.name not in reference] if cfg.reference else []
+    if to_compute:
+        items = reference_items(cfg.reference, prompt_set, vocab, cfg.reference_limit)
+        source = {
+            "reference": cfg.reference, "num_items": len(items), "height": cfg.sampling.height, "width": cfg.sampling.width,
+        }
+        cache_dir = out_dir / "reference"
+        computed = cached_or_computed_stats(
+            to_compute, items, real, cfg.feature_batch_size, source, cache_dir, cfg.progress_bar
+        )
+        reference.update(computed)
+        reference_files.update({name: str(cache_dir / f"{name}.npz") for name in computed})
+    real_failures = real.report_failures()
+
+    if not dist.is_rank0():
+        return {}
+
+    # ---- report (rank 0) -----------------------------------------------------------------------
+    notes: list[str] = []
+    if real_failures:
+        notes.append(f"{real_failures} real image(s) could not be read and were left out (listed in the ranks' output)")
+    metrics: dict[str, float | None] = {}
+    reference_info: dict[str, dict] = {}
+    for e in extractors:
+        key = f"fid_{e.name}"
+        features = generated_features[e.name]
+        metrics[key] = None
+        if e.name not in reference:
+            notes.append(f"{key}: no reference statistics (reference= is empty or has < 2 readable images)")
+        elif len(features) < 2:
+            notes.append(f"{key}: needs at least 2 generated samples")
+        else:
+            gen = FeatureStats.from_features(features, e.name, e.weights_hash)
+            ref = reference[e.name]
+            metrics[key] = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+            reference_info[e.name] = {
+                "stats_file": reference_files[e.name], "num_samples": ref.num_samples, "source": ref.source,
+            }
+    metrics["ms_ssim_paired"] = float(paired.mean()) if paired is not None and len(paired) else None
+    metrics["ms_ssim_diversity"] = float(diversity.mean()) if diversity is not None and len(diversity) else None
+    metrics["clip_score"] = float(clip_scores.mean()) if clip_scores is not None and len(clip_scores) else None
+    if cfg.ms_ssim and paired is None:
+        notes.append("ms_ssim_paired: the prompt source carries no real images")
+    if cfg.ms_ssim and diversity is None:
+        notes.append("ms_ssim_diversity: needs samples_per_prompt >= 2")
+    if clip_truncated is not None and clip_truncated.sum():
+        notes.append(f"clip_score: {int(clip_truncated.sum())} prompt(s) longer than the text context were truncated")
+
+    report = {
+        "model": cfg.model,
+        "checkpoint": model_info,
+        "num_samples": len(samples),
+        "num_prompts": len(prompt_set.prompts),
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "metrics": metrics,
+        "extractors": {e.name: e.describe() for e in extractors},
+        "reference": reference_info,
+        "ms_ssim": {
+            "paired": {"form": PAIRED_FORM, "num_pairs": 0 if paired is None else len(paired)},
+            "diversity": {"form": DIVERSITY_FORM, "num_prompts": 0 if diversity is None else len(diversity)},
+            "config": asdict(cfg.ms_ssim_config),
+        } if cfg.ms_ssim else None,
+        "clip": None if clip is None else {
+            "model": clip.name,
+            "score": "mean cosine similarity of image and prompt embeddings",
+            "context_length": clip.context_length,
+            "truncated_prompts": int(clip_truncated.sum()),
+            "num_samples": len(clip_truncated),
+        },
+        "sampling": cfg.sampling.as_dict(),
+        "batch_size": cfg.batch_size,
+        "prompts": {"source": prompt_set.source, "kind": prompt_set.kind, "skipped": prompt_set.skipped},
+        "generation": {"generated": generated, "reused": reused},
+        "world_size": dist.world_size(),
+        "notes": notes,
+        "wall_s": time.perf_counter() - start,
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if cfg.tensorboard:
+        _write_tensorboard(cfg, out_dir, samples, images_dir, metrics, model_info.get("step") or 0)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+    print(
+        f"eval done: {len(samples)} samples ({generated} generated, {reused} reused); {shown}; "
+        f"report {out_dir / 'report.json'}",
+        flush=True,
+    )
+    return report

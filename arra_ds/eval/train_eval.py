@@ -1,0 +1,188 @@
+"""A small evaluation inside training: every ``train.eval_every`` steps, sample images for the first
+``eval.num_prompts`` training prompts, decode them, and log the grid and FID to tensorboard.
+
+The training model is never put in eval mode or touched: its weights are copied, one module at a
+time, into a plain (hook-free) backbone through ``gather`` (the engine's read-only ZeRO-3 gather,
+so no rank ever holds two full copies of a layer) and that copy generates. Generation draws from
+per-sample generators inside ``torch.random.fork_rng``, so the training RNG streams, and therefore a
+resumed run, are unaffected. Prompts are split over ranks as in ``launch/eval.py``; every rank takes
+part in the collectives.
+
+FID here uses few samples (N << feature width): it is a trend to watch during training, not a number
+to report; use ``launch/eval.py`` on the saved checkpoint for that. The reference statistics are the
+VQ reconstructions of the same prompts' training images, computed at the first evaluation and kept
+in ``<run_dir>/eval/reference_<extractor>.npz``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from arra_ds import dist
+from arra_ds.data.sequence import CODES_PER_GRID_CELL
+from arra_ds.generate.sampling import GRID_CELL_PIXELS, SamplingConfig
+
+GatherContext = Callable[[Iterable[nn.Parameter]], ContextManager]
+
+
+@dataclass
+class TrainEvalConfig:
+    """Settings of the in-training evaluation (``train.eval_every`` > 0 turns it on)."""
+
+    num_prompts: int = 8  # the first n samples of the training data (prompt + real image codes)
+    vqgan_config: str = ""  # Chameleon vqgan.yaml (decoder of the data's codes)
+    vqgan_checkpoint: str = ""
+    extractor: str = "inception"  # FID features: inception | xrv
+    extractor_weights: str = ""  # file, "random", or "" for the library cache
+    batch_size: int = 8
+    size_from_data: bool = True  # generate at the size of the data's images (else sampling.height/width)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self) -> None:
+        from arra_ds.config import ConfigError
+        from arra_ds.eval.extractors import EXTRACTORS
+
+        if not self.vqgan_config or not self.vqgan_checkpoint:
+            raise ConfigError(
+                "train.eval_every > 0 needs eval.vqgan_config=<vqgan.yaml> and eval.vqgan_checkpoint=<vqgan.ckpt> "
+                "(the decoder of the data's image codes)"
+            )
+        for path in (self.vqgan_config, self.vqgan_checkpoint):
+            if not Path(path).is_file():
+                raise ConfigError(f"eval VQGAN file {path} does not exist")
+        if self.extractor not in EXTRACTORS:
+            raise ConfigError(f"eval.extractor={self.extractor!r}: use one of {sorted(EXTRACTORS)}")
+        if self.num_prompts < 2 or self.batch_size < 1:
+            raise ConfigError("eval.num_prompts must be >= 2 (FID needs two samples) and eval.batch_size >= 1")
+        self.sampling.validate()
+
+
+def inference_copy(backbone: nn.Module, gather: GatherContext, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A plain Chameleon with ``backbone``'s weights, built on the meta device and filled one module
+    at a time inside ``gather`` (ZeRO-3 partitioned weights are whole only inside it)."""
+    from transformers import ChameleonForConditionalGeneration
+
+    from arra_ds.model.backbone import LMHeadWithLoss
+
+    with torch.device("meta"):
+        copy = ChameleonForConditionalGeneration._from_config(backbone.config, dtype=dtype)
+    del copy.model.vqmodel
+    copy.lm_head = LMHeadWithLoss(copy.lm_head.weight, 0.0, 1)
+    copy.to_empty(device=device)
+    target = dict(copy.named_modules())
+    with torch.no_grad():
+        for name, module in backbone.named_modules():
+            own = list(module.parameters(recurse=False))
+            if not own:
+                continue
+            with gather(own):
+                for param_name, param in module.named_parameters(recurse=False):
+                    getattr(target[name], param_name).copy_(param.detach())
+        for name, buffer in backbone.named_buffers():  # ZeRO-3 partitions parameters only
+            module_name, _, buffer_name = name.rpartition(".")
+            getattr(target[module_name], buffer_name).copy_(buffer)
+    copy.config.use_cache = True
+    return copy.eval().requires_grad_(False)
+
+
+class TrainEvaluator:
+    """Holds the prompts, decoder, extractor and reference statistics between evaluations."""
+
+    def __init__(self, cfg: TrainEvalConfig, dataset, vocab, run_dir: Path, device: torch.device, source: str):
+        from arra_ds.eval.extractors import build_extractor
+        from arra_ds.generate.pipeline import build_samples, load_decoder
+        from arra_ds.generate.prompts import load_prompts
+
+        self.cfg = cfg
+        self.vocab = vocab
+        self.device = device
+        self.out_dir = run_dir / "eval"
+        self.prompts = load_prompts(source, vocab, cfg.num_prompts, dataset=dataset)
+        with self._training_rng_untouched():  # building the decoder initialises weights from the global RNG
+            self.decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
+            self.extractor = build_extractor(cfg.extractor, cfg.extractor_weights).to(device)
+        self.sampling = cfg.sampling
+        if cfg.size_from_data:
+            h, w = self.prompts.prompts[0].real_codes.shape
+            factor = self.decoder.downsample_factor
+            if factor * CODES_PER_GRID_CELL != GRID_CELL_PIXELS:
+                needed = GRID_CELL_PIXELS // CODES_PER_GRID_CELL
+                raise ValueError(f"the VQGAN downsamples by {factor}; the sampler's image layout needs {needed}")
+            self.sampling = replace(cfg.sampling, height=h * factor, width=w * factor)
+        self.samples = build_samples(self.prompts, 1, self.sampling.seed)
+        self.reference = None
+
+    def _training_rng_untouched(self):
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def _reference_stats(self):
+        from arra_ds.eval.reference import RealImages, cached_or_computed_stats
+
+        if self.reference is None:
+            real = RealImages(self.sampling.height, self.sampling.width, decoder=self.decoder)
+            source = {"reference": "training data (VQ reconstructions)", "num_items": len(self.prompts.prompts),
+                      "height": self.sampling.height, "width": self.sampling.width}
+            stats = cached_or_computed_stats([self.extractor], self.prompts.prompts, real, self.cfg.batch_size, source,
+                                             self.out_dir / "reference", progress=False)
+            self.reference = stats.get(self.extractor.name)
+        return self.reference
+
+    def log(self, engine, step: int, logger) -> None:
+        """Evaluate the engine's current weights and log the scalars and the sample grid (rank 0)."""
+        dtype = torch.bfloat16 if engine.precision == "bf16" else torch.float32
+        scalars, grid = self.run(engine.model.backbone, engine.gathered_for_reading, step, dtype)
+        if dist.is_rank0():
+            logger.log(step, scalars)
+            logger.add_image("eval/samples", grid, step)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in scalars.items())
+            where = self.out_dir / f"step_{step:08d}"
+            print(f"eval at step {step}: {shown or 'no reference statistics'}; images in {where}", flush=True)
+
+    def run(
+        self, backbone: nn.Module, gather: GatherContext, step: int, dtype: torch.dtype
+    ) -> tuple[dict, np.ndarray | None]:
+        """Generate, decode, score. Returns ({"eval/fid_<extractor>": value}, grid [3, H, W] uint8 on rank 0)."""
+        from torchvision.utils import make_grid
+
+        from arra_ds.eval.fid import FeatureStats, frechet_distance
+        from arra_ds.generate.distributed import gather_rows, my_chunks
+        from arra_ds.generate.images import load_rgb, to_chw_batch
+        from arra_ds.generate.pipeline import generate_missing
+        from arra_ds.generate.sampler import ImageSampler
+
+        images_dir = self.out_dir / f"step_{step:08d}"
+        with self._training_rng_untouched():
+            model = inference_copy(backbone, gather, self.device, dtype)
+            sampler = ImageSampler(model, self.vocab, self.sampling)
+            chunks = my_chunks(len(self.samples), self.cfg.batch_size)
+            generate_missing(sampler, self.decoder, _prompt_ids_only, self.samples, chunks, images_dir, progress=False)
+            del model, sampler
+            local_idx, local_feat = [], []
+            for chunk in chunks:
+                batch = to_chw_batch([load_rgb(images_dir / self.samples[k].file_name) for k in chunk])
+                local_idx.extend(chunk)
+                local_feat.append(self.extractor.extract(batch).numpy())
+            width = self.extractor.feature_dim
+            _, features = gather_rows(np.asarray(local_idx, np.int64),
+                                      np.concatenate(local_feat) if local_feat else np.zeros((0, width)))
+            reference = self._reference_stats()
+        dist.barrier()
+        if not dist.is_rank0():
+            return {}, None
+        scalars = {}
+        if reference is not None:
+            gen = FeatureStats.from_features(features, self.extractor.name, self.extractor.weights_hash)
+            scalars[f"eval/fid_{self.extractor.name}"] = frechet_distance(gen.mu, gen.sigma, reference.mu, reference.sigma)
+        images = to_chw_batch([load_rgb(images_dir / s.file_name) for s in self.samples])
+        grid = make_grid(images, nrow=int(np.ceil(np.sqrt(len(self.samples))))).numpy()
+        return scalars, grid
+
+
+def _prompt_ids_only(text: str) -> list[int]:
+    raise ValueError(f"training-data prompt {text!r} has no token ids; the MDS sample should carry them")

@@ -1,0 +1,184 @@
+"""Prompts -> PNG files on one or many ranks, resumable; used by ``launch/generate.py`` and the eval.
+
+    torchrun --nproc_per_node=N launch/generate.py model=<ckpt or HF dir> prompts=prompts.txt \
+        vqgan_config=vqgan.yaml vqgan_checkpoint=vqgan.ckpt output_dir=out
+
+Sample k is prompt k // S, replica k % S (S = ``samples_per_prompt``), seeded with
+``seed_for_sample(sampling.seed, k)`` and written to ``<output_dir>/images/<k:06d>.png``.
+Generation batches are the chunks ``[c * batch_size, (c + 1) * batch_size)`` of sample indices and
+chunk c runs on rank c % world: a sample is generated in the same batch with the same seed whatever
+the number of ranks, and each image is decoded alone, so 1 rank and 8 ranks write the same files.
+Existing PNGs (written atomically) are kept; only missing ones are generated. Keep ``batch_size``
+when resuming.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from arra_ds import dist
+from arra_ds.data.images import pixels_to_uint8
+from arra_ds.generate.distributed import init_from_env, my_chunks, sum_over_ranks
+from arra_ds.generate.images import save_png
+from arra_ds.generate.prompts import Prompt, PromptSet
+from arra_ds.generate.sampling import SamplingConfig, seed_for_sample
+
+
+@dataclass
+class SampleSpec:
+    index: int  # global sample index k
+    prompt: Prompt
+    replica: int
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.index:06d}.png"
+
+    def manifest_entry(self) -> dict:
+        return {
+            "index": self.index, "prompt_index": self.prompt.index, "replica": self.replica, "seed": self.seed,
+            "uid": self.prompt.uid, "prompt": self.prompt.text, "file": f"images/{self.file_name}",
+        }
+
+
+def build_samples(prompt_set: PromptSet, samples_per_prompt: int, base_seed: int) -> list[SampleSpec]:
+    samples = []
+    for p in prompt_set.prompts:
+        for r in range(samples_per_prompt):
+            k = p.index * samples_per_prompt + r
+            samples.append(SampleSpec(k, p, r, seed_for_sample(base_seed, k)))
+    return samples
+
+
+def write_manifest(samples: list[SampleSpec], path: Path) -> None:
+    with path.open("w") as f:
+        for s in samples:
+            f.write(json.dumps(s.manifest_entry()) + "\n")
+
+
+# ---- model pieces -------------------------------------------------------------------------------
+def resolve_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def load_decoder(vqgan_config: str, vqgan_checkpoint: str, device: torch.device):
+    from arra_ds.model.vqgan import VQGAN
+
+    return VQGAN.from_original(vqgan_config, vqgan_checkpoint).to(device).eval()
+
+
+@torch.inference_mode()
+def decode_to_uint8(decoder, codes: torch.Tensor) -> np.ndarray:
+    """codes [h, w] -> uint8 [H, W, 3]; one image per call so pixels never depend on batch mates."""
+    device = next(decoder.parameters()).device
+    return pixels_to_uint8(decoder.decode(codes[None].to(device)))[0]
+
+
+def generate_missing(
+    sampler,
+    decoder,
+    encode_prompt: Callable[[str], list[int]],
+    samples: list[SampleSpec],
+    chunks: list[range],
+    images_dir: Path,
+    progress: bool,
+) -> tuple[int, int]:
+    """Generate and write the samples of ``chunks`` whose PNG is missing; returns (generated, reused)."""
+    generated = reused = 0
+    prompt_ids: dict[int, list[int]] = {}
+    total = sum(len(c) for c in chunks)
+    bar = tqdm(total=total, disable=not (progress and dist.is_rank0()), desc="generate", dynamic_ncols=True)
+    for chunk in chunks:
+        specs = [samples[k] for k in chunk]
+        todo = [s for s in specs if not (images_dir / s.file_name).is_file()]
+        reused += len(specs) - len(todo)
+        if todo:
+            for s in specs:
+                if s.prompt.index not in prompt_ids:
+                    ids = s.prompt.prompt_ids if s.prompt.prompt_ids is not None else encode_prompt(s.prompt.text)
+                    prompt_ids[s.prompt.index] = ids
+            # Pad to the longest prompt of the whole chunk, not only of the missing rows, so a
+            # resumed batch has the shapes of the original one.
+            pad_to = max(sampler.prefix_length(prompt_ids[s.prompt.index]) for s in specs)
+            batch = sampler.generate([prompt_ids[s.prompt.index] for s in todo], [s.seed for s in todo], pad_to=pad_to)
+            for spec, codes in zip(todo, batch.codes):
+                save_png(decode_to_uint8(decoder, codes), images_dir / spec.file_name)
+            generated += len(todo)
+        bar.update(len(specs))
+    bar.close()
+    return generated, reused
+
+
+# ---- launch/generate.py -------------------------------------------------------------------------
+@dataclass
+class GenerateConfig:
+    model: str = ""  # trainer checkpoint (run dir / checkpoints / step dir) or HF model directory
+    tokenizer: str = ""  # prompt tokenizer JSON; default: the model's
+    vqgan_config: str = ""  # Chameleon vqgan.yaml
+    vqgan_checkpoint: str = ""  # Chameleon vqgan.ckpt
+    prompts: str = ""  # .txt (one per line), conversation .json or MDS directory
+    prompt_texts: list[str] = field(default_factory=list)  # prompts given directly (used when prompts is empty)
+    num_prompts: int = 0  # first n prompts; 0 = all
+    samples_per_prompt: int = 1
+    batch_size: int = 8
+    output_dir: str = "runs/generate"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        from arra_ds.config import ConfigError
+
+        if not self.model:
+            raise ConfigError("model=<trainer checkpoint or HF model dir> is required")
+        if bool(self.prompts) == bool(self.prompt_texts):
+            raise ConfigError("give exactly one of prompts=<file or MDS dir> and prompt_texts=[...] (or --prompt)")
+        if not self.vqgan_config or not self.vqgan_checkpoint:
+            raise ConfigError("vqgan_config=<vqgan.yaml> and vqgan_checkpoint=<vqgan.ckpt> are required (the image decoder)")
+        if self.samples_per_prompt < 1 or self.batch_size < 1 or self.num_prompts < 0:
+            raise ConfigError("samples_per_prompt and batch_size must be >= 1, num_prompts >= 0")
+        self.sampling.validate()
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    """Write the PNGs (and ``samples.jsonl``); returns a summary (on every rank)."""
+    from arra_ds.generate.loading import load_for_generation, load_vocab
+    from arra_ds.generate.prompts import load_prompts, prompts_from_texts
+    from arra_ds.generate.sampler import ImageSampler
+
+    cfg.validate()
+    device = init_from_env()
+    images_dir = Path(cfg.output_dir) / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.prompts:
+        prompt_set = load_prompts(cfg.prompts, load_vocab(cfg.model), cfg.num_prompts)
+    else:
+        prompt_set = prompts_from_texts(cfg.prompt_texts)
+    samples = build_samples(prompt_set, cfg.samples_per_prompt, cfg.sampling.seed)
+    chunks = my_chunks(len(samples), cfg.batch_size)
+    generated = reused = 0
+    if any(not (images_dir / samples[k].file_name).is_file() for c in chunks for k in c):
+        model = load_for_generation(cfg.model, resolve_dtype(cfg.precision), device, cfg.tokenizer)
+        decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
+        sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
+        generated, reused = generate_missing(
+            sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar
+        )
+    else:
+        reused = sum(len(c) for c in chunks)
+    dist.barrier()
+    generated, reused = sum_over_ranks([generated, reused])
+    if dist.is_rank0():
+        write_manifest(samples, Path(cfg.output_dir) / "samples.jsonl")
+        print(f"generated {generated} image(s), kept {reused} existing, in {images_dir}", flush=True)
+    return {"generated": generated, "reused": reused, "images_dir": str(images_dir), "num_samples": len(samples)}

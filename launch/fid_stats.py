@@ -1,0 +1,40 @@
+"""Reference statistics for FID from real images: <output_dir>/<extractor>.npz per extractor.
+
+    torchrun --nproc_per_node=4 launch/fid_stats.py source=data/mimic_test_images extractors=[xrv,inception] \
+        height=512 width=512 output_dir=stats/mimic_test
+    # an MDS split (its images are VQ codes: decoded with the VQGAN, tokens read with the model's vocabulary)
+    python launch/fid_stats.py source=data/mds/test model=runs/x vqgan_config=vqgan.yaml vqgan_checkpoint=vqgan.ckpt
+
+The files carry the extractor name and weights hash; launch/eval.py refuses them for other weights
+(pass them as reference_stats={xrv: stats/mimic_test/xrv.npz}).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from arra_ds.config import ConfigError, apply_overrides, from_dict  # noqa: E402
+from arra_ds.eval.reference import ReferenceStatsConfig, write_reference_stats  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="key=value fields of ReferenceStatsConfig")
+    args = parser.parse_args()
+    try:
+        write_reference_stats(from_dict(ReferenceStatsConfig, apply_overrides({}, args.overrides)))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
