@@ -3,6 +3,8 @@
     deepspeed launch/train.py --ds_config ds_configs/zero3.json [--config configs/X.yaml] [key=value ...]
 
 Without --config the embedded default (configs/debug.yaml: tiny Chameleon, built-in demo data) runs.
+Exit codes: 0 done, 2 bad config/data/checkpoint, 3 non-finite loss, 75 preempted (checkpoint
+written; requeue and run again with train.resume=auto).
 """
 
 import argparse
@@ -12,8 +14,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from arra_ds.config import ConfigError, load_config  # noqa: E402
+from arra_ds.data.schema import SchemaError  # noqa: E402
+from arra_ds.train.checkpoint import CheckpointError  # noqa: E402
 from arra_ds.train.engine import DSConfigError  # noqa: E402
 from arra_ds.train.loop import NonFiniteLossError, run_training  # noqa: E402
+from arra_ds.train.preemption import REQUEUE_EXIT_CODE  # noqa: E402
 
 
 def main() -> int:
@@ -25,11 +30,14 @@ def main() -> int:
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
-        run_training(cfg, args.ds_config)
-    except (ConfigError, DSConfigError, NonFiniteLossError) as e:
+        summary = run_training(cfg, args.ds_config)
+    except (ConfigError, DSConfigError, SchemaError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2 if not isinstance(e, NonFiniteLossError) else 3
-    return 0
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    return REQUEUE_EXIT_CODE if summary["preempted"] else 0
 
 
 if __name__ == "__main__":

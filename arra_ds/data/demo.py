@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def write_demo_dataset(out_dir: str | Path, cfg: DemoDataConfig, seed: int = 0) 
     out_dir = Path(out_dir)
     if (out_dir / "index.json").is_file():
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    # Unique per writer: nodes of a multi-node job share the cache directory, and pids repeat across hosts.
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = build_debug_tokenizer(num_image_codes=cfg.num_image_codes)
     vocab = ChameleonVocab(tokenizer.get_vocab(with_added_tokens=True), source="debug tokenizer")

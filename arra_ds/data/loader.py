@@ -19,6 +19,8 @@ from streaming import StreamingDataLoader, StreamingDataset
 
 from arra_ds.data.demo import DemoDataConfig, demo_dir, write_demo_dataset
 from arra_ds.data.schema import check_columns
+from arra_ds.data.shards import check_shards
+from arra_ds.data.shm import clean_stale_streaming_shm
 from arra_ds.model.losses import IGNORE_INDEX
 
 DEMO_PATH = "demo"
@@ -29,7 +31,9 @@ class DataConfig:
     path: str = DEMO_PATH  # local MDS dir, remote URL (s3://, gs://, ...), or "demo" (built-in)
     cache_dir: str = ""  # local cache for a remote path; required when path is remote
     max_seq_len: int = 4096
-    overlong: Literal["truncate", "error"] = "truncate"  # sequences longer than max_seq_len
+    # sequences longer than max_seq_len: cut to max_seq_len, stop with an error, or leave out of the
+    # batch; truncated and skipped samples are counted in metrics.jsonl and the run summary
+    overlong: Literal["truncate", "skip", "error"] = "truncate"
     shuffle: bool = True
     num_workers: int = 0
     pad_to_multiple_of: int = 8  # pad T to a multiple of this (tensor-core friendly)
@@ -64,47 +68,79 @@ class DataConfig:
 
 
 def prepare_data_dir(cfg: DataConfig, seed: int) -> tuple[str | None, str]:
-    """(remote, local) for StreamingDataset; builds the demo set on first use.
+    """(remote, local) for StreamingDataset; cleans stale shared memory and builds the demo set.
 
-    Call on every rank; only local rank 0 writes the demo set, the others wait at a barrier.
+    Call on every rank before any dataset is built: local rank 0 of each node removes the
+    shared-memory blocks a crashed run left behind and writes the demo set on first use, the other
+    ranks wait at a barrier.
     """
     from arra_ds import dist
 
+    if dist.local_rank() == 0:
+        removed = clean_stale_streaming_shm()
+        if removed:
+            print(
+                f"removed {len(removed)} stale streaming shared-memory blocks from /dev/shm (left by a crashed run): "
+                f"{removed}",
+                flush=True,
+            )
+        if cfg.is_demo:
+            write_demo_dataset(demo_dir(cfg.demo, seed), cfg.demo, seed)
+    dist.barrier()
     if cfg.is_demo:
-        local = demo_dir(cfg.demo, seed)
-        if dist.local_rank() == 0:
-            write_demo_dataset(local, cfg.demo, seed)
-        dist.barrier()
-        return None, str(local)
+        return None, str(demo_dir(cfg.demo, seed))
     if cfg.is_remote:
         return cfg.path, cfg.cache_dir
     return None, cfg.path
 
 
 class SampleConverter:
-    """One raw MDS sample -> {input_ids [T], labels [T], target_features [D]} tensors."""
+    """One raw MDS sample -> {input_ids [T], labels [T], target_features [D], uid} tensors.
 
-    def __init__(self, feature_column: str | None, max_seq_len: int, overlong: str):
+    With ``overlong="skip"`` an over-long sample is marked ``skipped="overlong"`` (its tensors cut to
+    ``max_seq_len``, kept only as a possible filler row): the ``Collator`` leaves it out of the batch and
+    counts it. The sample still occupies its slot in the global order, so the loader state and the
+    other ranks are unaffected.
+    """
+
+    def __init__(self, feature_column: str | None, max_seq_len: int, overlong: str, feature_dim: int = 0):
         self.feature_column = feature_column
         self.max_seq_len = max_seq_len
         self.overlong = overlong
+        self.feature_dim = feature_dim  # D every feature must have; 0 = not known yet (set by the trainer)
+
+    def _features(self, sample: dict, uid: str) -> torch.Tensor:
+        feature = np.asarray(sample[self.feature_column], dtype=np.float32)
+        if feature.ndim != 1 or (self.feature_dim and feature.shape[0] != self.feature_dim):
+            raise ValueError(
+                f"sample {uid!r}: column {self.feature_column} has shape {list(feature.shape)}, expected "
+                f"[{self.feature_dim or 'D'}] like the rest of the data set; the data set mixes feature extractors, "
+                "re-run pre-tokenization for it"
+            )
+        if not np.isfinite(feature).all():
+            raise ValueError(
+                f"sample {uid!r}: column {self.feature_column} holds non-finite values; re-run pre-tokenization for it"
+            )
+        return torch.from_numpy(feature)
 
     def __call__(self, sample: dict) -> dict:
         tokens = np.asarray(sample["tokens"], dtype=np.int64)
         prompt_len = int(sample["prompt_len"])
+        uid = str(sample.get("uid", ""))
+        item: dict = {"uid": uid}
+        if self.feature_column is not None:
+            item["target_features"] = self._features(sample, uid)
         if len(tokens) > self.max_seq_len:
             if self.overlong == "error":
                 raise ValueError(
-                    f"sample {sample.get('uid')!r} has {len(tokens)} tokens > data.max_seq_len={self.max_seq_len}; "
-                    "raise data.max_seq_len or set data.overlong=truncate"
+                    f"sample {uid!r} has {len(tokens)} tokens > data.max_seq_len={self.max_seq_len}; "
+                    "raise data.max_seq_len or set data.overlong=truncate or data.overlong=skip"
                 )
             tokens = tokens[: self.max_seq_len]
+            item["skipped" if self.overlong == "skip" else "truncated"] = "overlong"
         labels = tokens.copy()
         labels[: min(prompt_len, len(labels))] = IGNORE_INDEX
-        item = {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
-        if self.feature_column is not None:
-            item["target_features"] = torch.from_numpy(np.asarray(sample[self.feature_column], dtype=np.float32))
-        return item
+        return {**item, "input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
 
 
 class ARRAStreamingDataset(StreamingDataset):
@@ -119,25 +155,59 @@ class ARRAStreamingDataset(StreamingDataset):
 
 
 @dataclass
+class BatchMeta:
+    """What a batch holds besides tensors: which samples are in it and which were left out."""
+
+    uids: list[str]  # samples in the batch, in row order
+    skipped_uids: list[str]  # over-long samples left out (data.overlong=skip)
+    num_truncated: int  # samples cut to data.max_seq_len (data.overlong=truncate)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.uids)
+
+    @property
+    def num_consumed(self) -> int:
+        """Samples this batch took from the stream (kept + skipped): what the loader state counts."""
+        return len(self.uids) + len(self.skipped_uids)
+
+
+@dataclass
 class Collator:
+    """Right-pads samples into a batch; ``batch["meta"]`` is a ``BatchMeta``.
+
+    When every sample of a micro-batch was skipped, the batch is the first skipped sample cut to
+    ``max_seq_len`` (``meta.num_samples == 0`` marks it) and the training loop multiplies its loss by
+    zero. Under ZeRO-3 every rank must run the same forward/backward collectives, with gradients
+    becoming ready in the same order, in every micro-step; a real sample takes exactly the code path
+    of any other batch, so the filler adds nothing to the update yet keeps the ranks in lock-step.
+    """
+
     pad_id: int
     pad_to_multiple_of: int = 8
 
     def __call__(self, items: list[dict]) -> dict:
-        longest = max(len(it["input_ids"]) for it in items)
+        kept = [it for it in items if "skipped" not in it]
+        meta = BatchMeta(
+            uids=[it.get("uid", "") for it in kept],
+            skipped_uids=[it["uid"] for it in items if "skipped" in it],
+            num_truncated=sum(1 for it in kept if it.get("truncated")),
+        )
+        rows = kept or items[:1]
+        longest = max(len(it["input_ids"]) for it in rows)
         length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = len(items)
+        batch = len(rows)
         input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        for i, it in enumerate(items):
+        for i, it in enumerate(rows):
             n = len(it["input_ids"])
             input_ids[i, :n] = it["input_ids"]
             labels[i, :n] = it["labels"]
             attention_mask[i, :n] = 1
-        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        if "target_features" in items[0]:
-            out["target_features"] = torch.stack([it["target_features"] for it in items])  # [B, D]
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "meta": meta}
+        if "target_features" in rows[0]:
+            out["target_features"] = torch.stack([it["target_features"] for it in rows])  # [B, D]
         return out
 
 
@@ -151,6 +221,7 @@ def build_dataset(cfg: DataConfig, micro_batch_size: int, seed: int, feature_col
     ensure_streaming_env()
     if remote is None:
         check_columns(local, feature_column)
+        check_shards(local)
     kwargs = dict(
         remote=remote,
         local=local,
@@ -164,14 +235,26 @@ def build_dataset(cfg: DataConfig, micro_batch_size: int, seed: int, feature_col
     return ARRAStreamingDataset(**kwargs)
 
 
-def build_dataloader(dataset, cfg: DataConfig, micro_batch_size: int, pad_id: int):
-    return StreamingDataLoader(
+class ARRAStreamingDataLoader(StreamingDataLoader):
+    """Counts consumed samples from ``batch["meta"]``: with skipped samples (or a filler row) the
+    tensors' first dimension is not what the stream advanced by, and the resume state must be."""
+
+    def _get_batch_size(self, batch) -> int:
+        return batch["meta"].num_consumed
+
+
+def build_dataloader(dataset, cfg: DataConfig, micro_batch_size: int, pad_id: int, seed: int = 0):
+    # A private generator: torch's DataLoader draws a base seed from it for every new iterator (every
+    # epoch). Drawn from the global RNG instead, a resumed run's dropout stream would diverge from the
+    # uninterrupted run's.
+    return ARRAStreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,
         collate_fn=Collator(pad_id, cfg.pad_to_multiple_of),
         num_workers=cfg.num_workers,
         drop_last=True,
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -25,6 +25,7 @@ BASE_COLUMNS: dict[str, str] = {
 }
 FEATURE_PREFIX = "feat_"
 FEATURE_ENCODING = "ndarray:float16"
+UNSAFE_ENCODINGS = ("pkl",)  # MDS encodings that unpickle on read
 
 
 class SchemaError(ValueError):
@@ -68,6 +69,13 @@ def read_index_columns(local_dir: str | Path) -> dict[str, str]:
 def check_columns(local_dir: str | Path, feature: str | None) -> dict[str, str]:
     """Raise a SchemaError naming what is missing; return the columns."""
     columns = read_index_columns(local_dir)
+    unsafe = sorted(name for name, encoding in columns.items() if encoding in UNSAFE_ENCODINGS)
+    if unsafe:
+        # The MDS reader decodes every column of a sample, so a pickle column would run arbitrary code.
+        raise SchemaError(
+            f"MDS data set {local_dir} has pickle-encoded columns {unsafe}; arra_ds never unpickles data. "
+            "Re-write them as ndarray/str/int columns (see arra_ds/data/schema.py)"
+        )
     for name, encoding in BASE_COLUMNS.items():
         if name not in columns:
             raise SchemaError(f"MDS data set {local_dir} lacks the column '{name}' ({encoding}); columns: {sorted(columns)}")

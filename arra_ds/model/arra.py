@@ -105,9 +105,10 @@ class AlignHead(nn.Module):
             )
         projected = self.project(hidden)
         loss, cos = gva_loss(projected, sample_idx, targets, self.loss_kind)
-        if self.projector == "mlp" and hidden.shape[0] == 0:
-            # keep fc1/fc2 in the graph so every rank runs the same ZeRO-3 collectives in backward
-            loss = loss + sum(p.sum() for p in self.parameters()) * 0.0
+        # With no rows, fc1/fc2 still ran on the empty [0, H] input and gva_loss returned a zero tied to
+        # ``projected``, so they stay in the graph and every rank runs the same ZeRO-3 collectives in
+        # backward. (Touching self.parameters() directly instead would see ZeRO-3's empty partitions:
+        # a submodule's weights are gathered only while it is called.)
         return loss, cos
 
 

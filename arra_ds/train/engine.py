@@ -98,12 +98,27 @@ def fill_ds_config(ds_config: dict, cfg, world_size: int, hidden_size: int) -> d
             "config (optim.schedule, optim.warmup_steps); remove 'scheduler' from the ds_config"
         )
 
-    if "optimizer" in ds:
-        params = ds["optimizer"].setdefault("params", {})
-        _fill(params, "lr", float(optim.lr), "optimizer.params", "optim.lr")
-        _fill(params, "betas", [float(b) for b in optim.betas], "optimizer.params", "optim.betas")
-        _fill(params, "eps", float(optim.eps), "optimizer.params", "optim.eps")
-        _fill(params, "weight_decay", float(optim.weight_decay), "optimizer.params", "optim.weight_decay")
+    if "optimizer" not in ds:
+        raise DSConfigError(
+            "ds_config has no 'optimizer' section, so DeepSpeed would build no optimizer and nothing would train; "
+            'add {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", '
+            '"weight_decay": "auto"}}} (optim.* of the run config fills it)'
+        )
+    if str(ds["optimizer"].get("type", "")).lower() not in ("adam", "adamw"):
+        raise DSConfigError(
+            f"ds_config optimizer.type={ds['optimizer'].get('type')!r} contradicts the run config: optim.* describes "
+            'AdamW (lr, betas, eps, decoupled weight_decay); use "type": "AdamW"'
+        )
+    if ds["optimizer"].get("params", {}).get("adam_w_mode") is False:
+        raise DSConfigError(
+            "ds_config optimizer.params.adam_w_mode=false turns decoupled weight decay into L2 regularisation, "
+            "which optim.weight_decay does not describe; remove adam_w_mode"
+        )
+    params = ds["optimizer"].setdefault("params", {})
+    _fill(params, "lr", float(optim.lr), "optimizer.params", "optim.lr")
+    _fill(params, "betas", [float(b) for b in optim.betas], "optimizer.params", "optim.betas")
+    _fill(params, "eps", float(optim.eps), "optimizer.params", "optim.eps")
+    _fill(params, "weight_decay", float(optim.weight_decay), "optimizer.params", "optim.weight_decay")
 
     zero = ds.setdefault("zero_optimization", {})
     for key, value in (
@@ -181,7 +196,8 @@ class Engine:
 
     # ---- training step ------------------------------------------------------------------------
     def forward(self, batch: dict) -> ARRAOutput:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        # tensors only: batch["meta"] (uids, skip counts) stays on the host
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         return self.engine(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -217,19 +233,16 @@ class Engine:
 
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
-    # ---- checkpoints --------------------------------------------------------------------------
-    def save(self, ckpt_root: str | Path, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state)
+    # ---- checkpoints (layout, atomic commit and verification: arra_ds/train/checkpoint.py) -------
+    def save(self, ckpt_root: str | Path, tag: str) -> None:
+        """Every rank writes its partition into ``ckpt_root/tag``; ``latest`` is the caller's job."""
+        self.engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
 
-    def load(self, ckpt_root: str | Path, tag: str | None) -> dict:
-        path, client_state = self.engine.load_checkpoint(str(ckpt_root), tag=tag)
+    def load(self, ckpt_root: str | Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(ckpt_root), tag=tag)
         if path is None:
-            raise FileNotFoundError(f"no loadable DeepSpeed checkpoint under {ckpt_root} (tag={tag})")
-        return client_state or {}
+            raise FileNotFoundError(f"DeepSpeed found no model states for {Path(ckpt_root) / tag}")
 
-
-def latest_tag(ckpt_root: str | Path) -> str | None:
-    latest = Path(ckpt_root) / "latest"
-    if not latest.is_file():
-        return None
-    return latest.read_text().strip() or None
+    def num_parameters(self) -> int:
+        """Total parameter count (under ZeRO-3 each parameter's full ``ds_numel``, not the local shard)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())

@@ -1,14 +1,20 @@
-"""The training loop: data -> DeepSpeed engine -> metrics, checkpoints and resume.
+"""The training loop: data -> DeepSpeed engine -> metrics, checkpoints, resume and preemption.
 
 One "step" is one optimizer update = ``grad_accum_steps`` micro-batches per rank. Checkpoint tags
-are ``step_<n>`` where n updates are done; ``train.resume=auto`` continues from ``checkpoints/latest``.
+are ``step_<n>`` where n updates are done; ``train.resume=auto`` continues from ``checkpoints/latest``
+(see ``arra_ds/train/checkpoint.py`` for the atomic layout). A resumed run restores the engine, the
+streaming loader position, every rank's RNG states and the counters, so from the checkpoint on its
+``metrics.jsonl`` equals the uninterrupted run's and it sees every sample exactly once per epoch.
+
+SIGTERM/SIGUSR1 (``arra_ds/train/preemption.py``) end the run at the next step boundary with a
+checkpoint; ``run_training`` then returns a summary with ``preempted: true`` and the launcher exits
+with ``REQUEUE_EXIT_CODE``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +34,11 @@ class TrainConfig:
     global_batch_size: int = 0  # samples per optimizer step over all ranks; 0 = micro * world
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on preemption)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after each save; 0 keeps all
     eval_every: int = 0  # steps between in-training evaluations (sample grid + FID, see eval.*); 0 = off
     resume: str = ""  # "" (fresh), "auto" (latest checkpoint in output_dir if any) or a checkpoint dir
+    log_samples: bool = False  # write the uids of every micro-batch to <output_dir>/samples/ (audits)
     tensorboard: bool = True
     progress_bar: bool = True
 
@@ -52,8 +60,8 @@ class TrainConfig:
 
         if self.max_steps < 1 or self.micro_batch_size < 1 or self.log_every < 1:
             raise ConfigError("train.max_steps, train.micro_batch_size and train.log_every must be >= 1")
-        if self.save_every < 0 or self.global_batch_size < 0 or self.eval_every < 0:
-            raise ConfigError("train.save_every, train.eval_every and train.global_batch_size must be >= 0")
+        if min(self.save_every, self.global_batch_size, self.keep_last, self.eval_every) < 0:
+            raise ConfigError("train.save_every, train.global_batch_size, train.keep_last and train.eval_every must be >= 0")
         if self.global_batch_size and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
@@ -65,19 +73,18 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+# Per micro-step statistics, summed over ranks with one all-reduce. The preemption flag rides along,
+# so every rank learns about a signal received by any rank at the same step, at no extra cost.
+STAT_NAMES = (
+    "loss", "loss_ar", "loss_gva", "loss_z", "cos",  # per-rank means; 0 for an all-skipped (filler) batch
+    "nonfinite",  # ranks whose loss is not finite
+    "tokens",  # attended tokens
+    "batches",  # ranks whose micro-batch held at least one sample
+    "skipped_overlong", "truncated_overlong",  # samples
+    "preempt",  # ranks that received SIGTERM/SIGUSR1
+)
+STAT = {name: i for i, name in enumerate(STAT_NAMES)}
+LOSS_NAMES = STAT_NAMES[: STAT["nonfinite"]]
 
 
 def _batches(loader):
@@ -85,20 +92,6 @@ def _batches(loader):
     while True:
         for batch in loader:
             yield batch
-
-
-def _resume_target(cfg, ckpt_root: Path) -> tuple[Path, str] | None:
-    from arra_ds.train.engine import latest_tag
-
-    if not cfg.train.resume:
-        return None
-    if cfg.train.resume == "auto":
-        tag = latest_tag(ckpt_root)
-        return (ckpt_root, tag) if tag else None
-    path = Path(cfg.train.resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"train.resume={cfg.train.resume}: no such checkpoint directory")
-    return path.parent, path.name
 
 
 def _model_flops_per_token(model, seq_len: int) -> float:
@@ -113,14 +106,25 @@ def _model_flops_per_token(model, seq_len: int) -> float:
 
 def run_training(cfg, ds_config_path: str | Path) -> dict:
     """Train per ``cfg`` (a validated RunConfig) with the DeepSpeed JSON at ``ds_config_path``."""
+    from arra_ds.train.engine import init_distributed
+    from arra_ds.train.preemption import PreemptionWatcher
+
+    init_distributed()
+    # Installed before anything slow: a signal during start-up must not kill the job unsaved.
+    with PreemptionWatcher() as watcher:
+        return _train(cfg, ds_config_path, watcher)
+
+
+def _train(cfg, ds_config_path, watcher) -> dict:
     from arra_ds.config import save_config
     from arra_ds.data.loader import build_dataloader, build_dataset, feature_dim_of, prepare_data_dir, resolve_feature_dim
-    from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config
+    from arra_ds.train import checkpoint as ckpt
+    from arra_ds.train.engine import Engine, fill_ds_config, load_ds_config
     from arra_ds.train.flops import peak_flops
     from arra_ds.train.metrics import MetricsLogger
     from arra_ds.train.optim import lr_at
+    from arra_ds.train.sample_log import SampleLog
 
-    init_distributed()
     dist.seed_everything(cfg.seed)
     world = dist.world_size()
     is_rank0 = dist.is_rank0()
@@ -135,6 +139,7 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
     dataset = build_dataset(cfg.data, micro, cfg.seed, feature_column, remote, local)
     if cfg.align.enabled:
         cfg.align.feature_dim = resolve_feature_dim(cfg.align, feature_dim_of(dataset, feature_column))
+        dataset.converter.feature_dim = cfg.align.feature_dim  # every later sample must have this width
 
     hidden_size = cfg.model.debug.hidden_size if cfg.model.source == "debug" else None
     if hidden_size is None:
@@ -147,20 +152,28 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
     engine = Engine(cfg, ds_config)  # built from the common seed: identical initialisation everywhere
     model = engine.model
     dist.seed_everything(dist.rank_seed(cfg.seed))  # then each rank draws its own dropout masks
-    loader = build_dataloader(dataset, cfg.data, micro, model.vocab.pad_id)
+    loader = build_dataloader(dataset, cfg.data, micro, model.vocab.pad_id, cfg.seed)
 
     # ---- resume -------------------------------------------------------------------------------
-    start_step, samples_seen = 0, 0
-    target = _resume_target(cfg, ckpt_root)
-    if target is not None:
-        client_state = engine.load(*target)
-        start_step = int(client_state["step"])
-        samples_seen = int(client_state["samples_seen"])
-        loader.load_state_dict(client_state["loader"])
-        _set_rng_state(client_state["rng"])
-        dist.print0(f"resumed from {target[0] / target[1]} at step {start_step} ({samples_seen} samples seen)")
+    if is_rank0:
+        interrupted = ckpt.clean_interrupted(ckpt_root)
+        if interrupted:
+            print(f"removed interrupted checkpoint saves {interrupted} from {ckpt_root}", flush=True)
+    dist.barrier()
+    state = ckpt.TrainerState(world_size=world)
+    resume_dir = ckpt.resolve_resume(cfg.train.resume, ckpt_root)
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(engine, resume_dir)
+        loader.load_state_dict(state.loader)
+        dist.print0(f"resumed from {resume_dir} at step {state.step} ({state.samples_seen} samples seen)")
+    elif cfg.train.resume == "auto":
+        dist.print0(f"train.resume=auto: no checkpoint in {ckpt_root}, starting fresh")
+    start_step = state.step
+    ckpt.ensure_disk_space(ckpt_root, engine.num_parameters())
 
-    logger = MetricsLogger(run_dir, is_rank0, cfg.train.tensorboard, resume_step=start_step if target else None)
+    resume_step = start_step if resume_dir is not None else None
+    logger = MetricsLogger(run_dir, is_rank0, cfg.train.tensorboard, resume_step=resume_step)
+    sample_log = SampleLog(run_dir, dist.rank(), cfg.train.log_samples, resume_step)
     evaluator = None
     if cfg.train.eval_every:
         from arra_ds.eval.train_eval import TrainEvaluator
@@ -176,66 +189,87 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
         desc="train", dynamic_ncols=True,
     )
     history: list[dict] = []
-    last_saved = None
+    last_saved = resume_dir
+    preempted = False
     run_start = time.perf_counter()
     try:
         for step in range(start_step, cfg.train.max_steps):
             lr = lr_at(step, cfg.train.max_steps, cfg.optim)
             engine.set_lr(lr)
             step_start = time.perf_counter()
-            # summed over micro-batches and ranks: loss, ar, gva, z, cos, non-finite count, tokens
-            totals = torch.zeros(7, dtype=torch.float64)
+            totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
             for micro_step in range(accum):
                 batch = next(batches)
+                meta = batch.pop("meta")
+                sample_log.log(step + 1, micro_step, meta.uids, meta.skipped_uids)
                 out = engine.forward(batch)
-                # reduced on the model's device: NCCL cannot reduce CPU tensors
+                has_samples = meta.num_samples > 0
                 values = torch.stack([out.loss.detach(), out.loss_ar, out.loss_gva, out.loss_z, out.cos]).double()
-                nonfinite = (~torch.isfinite(values)).any().double().reshape(1)
-                tokens = torch.tensor([float(batch["attention_mask"].sum())], dtype=torch.float64, device=values.device)
-                stats = dist.all_reduce_sum(torch.cat([values, nonfinite, tokens])).cpu()
-                if stats[5] > 0:
+                nonfinite = float(not bool(torch.isfinite(values).all()))
+                tokens = float(batch["attention_mask"].sum()) if has_samples else 0.0
+                if not has_samples:  # a filler batch (every sample skipped): runs, but counts for nothing
+                    values = torch.zeros_like(values)
+                local = [nonfinite, tokens, float(has_samples), float(len(meta.skipped_uids)),
+                         float(meta.num_truncated), float(watcher.requested)]
+                # reduced on the model's device: NCCL cannot reduce CPU tensors
+                local = torch.tensor(local, dtype=torch.float64, device=values.device)
+                stats = dist.all_reduce_sum(torch.cat([values, local])).cpu()
+                if stats[STAT["nonfinite"]] > 0:
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step + 1} (micro-batch {micro_step}) on "
-                        f"{int(stats[5])} rank(s): this rank has loss={out.loss.item():.4g} ar={out.loss_ar.item():.4g} "
-                        f"gva={out.loss_gva.item():.4g} z={out.loss_z.item():.4g}. The run stops before the update; "
-                        f"the last good checkpoint is {last_saved or 'none in this run'}. Lower optim.lr or check the data."
+                        f"{int(stats[STAT['nonfinite']])} rank(s): this rank has loss={out.loss.item():.4g} "
+                        f"ar={out.loss_ar.item():.4g} gva={out.loss_gva.item():.4g} z={out.loss_z.item():.4g}. "
+                        f"The run stops before the update; the last good checkpoint is "
+                        f"{last_saved or 'none in this run'}. Lower optim.lr or check the data."
                     )
                 totals += stats
-                engine.backward(out.loss)
+                # DeepSpeed averages gradients over all ranks; a filler batch contributes zeros, so the
+                # ranks with samples rescale to the mean over themselves.
+                with_samples = stats[STAT["batches"]].item()
+                if not has_samples:
+                    loss = out.loss * 0.0
+                elif with_samples < world:
+                    loss = out.loss * (world / with_samples)
+                else:
+                    loss = out.loss
+                engine.backward(loss)
                 engine.step()
             step_time = time.perf_counter() - step_start
-            samples_seen += global_batch
-            n = accum * world
-            record = {
-                "loss": totals[0].item() / n,
-                "loss_ar": totals[1].item() / n,
-                "loss_gva": totals[2].item() / n,
-                "loss_z": totals[3].item() / n,
-                "cos": totals[4].item() / n,
-                "lr": lr,
-                "grad_norm": engine.grad_norm(),
-                "tokens_per_s": totals[6].item() / step_time,
-                "samples_seen": samples_seen,
-            }
+            state.step = step + 1
+            state.samples_seen += global_batch
+            state.skipped_overlong += int(totals[STAT["skipped_overlong"]])
+            state.truncated_overlong += int(totals[STAT["truncated_overlong"]])
+            # a signal during the last step needs no requeue: the run is complete
+            preempted = bool(totals[STAT["preempt"]] > 0) and state.step < cfg.train.max_steps
+
+            num_batches = totals[STAT["batches"]].item()
+            record = {name: (totals[STAT[name]].item() / num_batches if num_batches else None) for name in LOSS_NAMES}
+            record.update(
+                lr=lr,
+                grad_norm=engine.grad_norm(),
+                tokens_per_s=totals[STAT["tokens"]].item() / step_time,
+                samples_seen=state.samples_seen,
+                skipped_overlong=state.skipped_overlong,
+                truncated_overlong=state.truncated_overlong,
+            )
             if peak:
                 record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * world)
-            done = step + 1
+            done = state.step
             history.append(record)
             if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
                 logger.log(done, record)
             progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", cos=f"{record['cos']:.3f}")
+            if record["loss"] is not None:
+                progress.set_postfix(loss=f"{record['loss']:.3f}", cos=f"{record['cos']:.3f}")
 
-            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.max_steps:
-                tag = f"step_{done:08d}"
-                client_state = {
-                    "step": done,
-                    "samples_seen": samples_seen,
-                    "loader": loader.state_dict(),
-                    "rng": _rng_state(),
-                }
-                engine.save(ckpt_root, tag, client_state)
-                last_saved = ckpt_root / tag
+            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.max_steps or preempted:
+                ckpt.ensure_disk_space(ckpt_root, engine.num_parameters())
+                state.loader = loader.state_dict()
+                last_saved = ckpt.save_checkpoint(engine, ckpt_root, state, cfg.train.keep_last)
+            if preempted:
+                signal_name = watcher.received.name if watcher.received else "a signal on another rank"
+                dist.print0(f"preempted by {signal_name}: checkpoint {last_saved} written at step {done}; exiting for requeue")
+                break
             if evaluator is not None and done % cfg.train.eval_every == 0:
                 evaluator.log(engine, done, logger)
     finally:
@@ -243,23 +277,33 @@ def run_training(cfg, ds_config_path: str | Path) -> dict:
         logger.close()
 
     elapsed = time.perf_counter() - run_start
+    losses = [h["loss"] for h in history if h["loss"] is not None]
     summary = {
-        "steps": cfg.train.max_steps,
+        "steps": state.step,
+        "max_steps": cfg.train.max_steps,
         "resumed_from_step": start_step,
+        "preempted": preempted,
         "wall_s": elapsed,
-        "final_loss": history[-1]["loss"] if history else math.nan,
-        "final_cos": history[-1]["cos"] if history else math.nan,
+        "final_loss": losses[-1] if losses else math.nan,
+        "final_cos": next((h["cos"] for h in reversed(history) if h["cos"] is not None), math.nan),
         "mean_tokens_per_s": float(np.mean([h["tokens_per_s"] for h in history])) if history else 0.0,
-        "samples_seen": samples_seen,
+        "samples_seen": state.samples_seen,
+        "skipped_overlong": state.skipped_overlong,
+        "truncated_overlong": state.truncated_overlong,
         "checkpoint": str(last_saved) if last_saved else None,
         "run_dir": str(run_dir),
     }
     if is_rank0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        skipped = (
+            f"; over-long samples: {state.skipped_overlong} skipped, {state.truncated_overlong} truncated"
+            if state.skipped_overlong or state.truncated_overlong else ""
+        )
         print(
-            f"done: {summary['steps']} steps in {elapsed:.1f}s, final loss {summary['final_loss']:.4f} "
-            f"(cos {summary['final_cos']:.3f}), {summary['mean_tokens_per_s']:.0f} tokens/s; "
-            f"checkpoint {summary['checkpoint']}; metrics {run_dir / 'metrics.jsonl'}",
+            f"{'preempted' if preempted else 'done'}: {state.step}/{cfg.train.max_steps} steps in {elapsed:.1f}s, "
+            f"final loss {summary['final_loss']:.4f} (cos {summary['final_cos']:.3f}), "
+            f"{summary['mean_tokens_per_s']:.0f} tokens/s{skipped}; checkpoint {summary['checkpoint']}; "
+            f"metrics {run_dir / 'metrics.jsonl'}",
             flush=True,
         )
     return summary

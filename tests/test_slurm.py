@@ -1,0 +1,125 @@
+"""launch/slurm/train.sbatch on a real two-node Slurm cluster (slurmctld + slurmd node1/node2 on this host).
+
+The job runs 2 nodes x 1 CPU rank with the debug config; once it has logged step 3 the test sends
+Slurm's warning signal (scancel --signal=USR1, what --signal=USR1@120 does before the time limit).
+The ranks save a checkpoint and exit with the requeue code, the sbatch script requeues the job, and
+the second start resumes and finishes. The cluster comes from scripts/slurm_cluster.sh (started here
+and stopped afterwards unless it was already running). Job files live outside /tmp: every job gets a
+private /tmp and /dev/shm per node (job_container/tmpfs), as separate machines would.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from arra_ds.train import checkpoint as ckpt
+from arra_ds.train.sample_log import read_sample_logs
+from conftest import REPO_ROOT, subprocess_env
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm is not installed (no sbatch on PATH); "
+                       "apt-get install -y slurm-wlm, see docs/slurm.md"),
+]
+
+CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "slurm_cluster.sh"
+STATE_DIR = Path(os.environ.get("ARRA_DS_SLURM_DIR", "/var/tmp/arra_ds_slurm"))
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+MAX_STEPS = 8
+STEPS_PER_EPOCH = 6  # 48 demo samples, 2 ranks x 4
+
+
+def _slurm_env(**extra):
+    return subprocess_env(SLURM_CONF=str(STATE_DIR / "etc" / "slurm.conf"), **extra)
+
+
+def _cluster_is_up() -> bool:
+    if not (STATE_DIR / "etc" / "slurm.conf").is_file():
+        return False
+    proc = subprocess.run(["sinfo", "-h", "-o", "%t"], env=_slurm_env(), capture_output=True, text=True, timeout=30)
+    return proc.returncode == 0 and set(proc.stdout.split()) == {"idle"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = not _cluster_is_up()
+    if started:
+        proc = subprocess.run([str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, f"could not start the Slurm test cluster:\n{proc.stdout}\n{proc.stderr}"
+    yield
+    if started:
+        subprocess.run([str(CLUSTER_SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
+
+
+def _job(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=_slurm_env(), capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
+    (STATE_DIR / "jobs").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=STATE_DIR / "jobs"))
+    run_dir = work / "run"
+    env = _slurm_env(GPUS_PER_NODE=1, PYTHON=sys.executable, ARRA_DS_ROOT=REPO_ROOT, ARRA_DS_CACHE=work / "cache")
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--output={work}/slurm-%j.out", "launch/slurm/train.sbatch",
+         f"output_dir={run_dir}", "data.demo.num_samples=48", "train.micro_batch_size=4", f"train.max_steps={MAX_STEPS}",
+         "train.save_every=4", "train.log_every=1", "train.log_samples=true", "train.progress_bar=false",
+         "optim.warmup_steps=2"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip().split(";")[0]
+
+    signalled = released = False
+    deadline = time.monotonic() + 1500
+    while time.monotonic() < deadline:
+        job = _job(job_id)
+        if job.get("JobState") in FINAL_STATES:
+            break
+        if not signalled and job.get("JobState") == "RUNNING" and 3 in _logged_steps(run_dir):
+            subprocess.run(["scancel", "--signal=USR1", job_id], env=_slurm_env(), check=True, timeout=30)
+            signalled = True
+        if signalled and not released and job.get("JobState") == "PENDING" and int(job.get("Restarts", 0)) > 0:
+            # Slurm holds a requeued job back for a while; start it now
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=_slurm_env(), timeout=30)
+            released = True
+        time.sleep(1)
+    log = next(work.glob("slurm-*.out")).read_text()
+    job = _job(job_id)
+    assert job.get("JobState") == "COMPLETED", f"{job}\n{log[-6000:]}"
+
+    # two starts on both nodes, the first preempted and requeued by the sbatch script
+    assert job["Restarts"] == "1" and job["ExitCode"] == "0:0"
+    assert "start 0: 2 nodes (node1 node2) x 1 ranks" in log and "start 1: 2 nodes (node1 node2) x 1 ranks" in log
+    assert "received SIGUSR1" in log and f"job {job_id} preempted: checkpoint written, requeueing" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == MAX_STEPS and not summary["preempted"]
+    assert 3 <= summary["resumed_from_step"] < MAX_STEPS
+    assert f"resumed from {run_dir / 'checkpoints' / ckpt.tag_for(summary['resumed_from_step'])}" in log
+
+    # the run reads like an uninterrupted one: every step logged once, every sample once per epoch
+    assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))
+    logs = read_sample_logs(run_dir)
+    assert sorted(logs) == [0, 1]
+    first_epoch = [uid for lines in logs.values() for line in lines if line["step"] <= STEPS_PER_EPOCH
+                   for uid in line["uids"]]
+    assert sorted(first_epoch) == [f"demo-{i:06d}" for i in range(48)]
+    assert ckpt.read_latest(run_dir / "checkpoints") == ckpt.tag_for(MAX_STEPS)
+    assert ckpt.verify(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS))["world_size"] == 2
+    shutil.rmtree(work, ignore_errors=True)
