@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 from pathlib import Path
 from typing import Any, ContextManager, Iterable
@@ -38,6 +39,12 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank())
+    else:
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (minutes on first use) and maps a
+        # 69 MB /dev/shm buffer per rank that it never unlinks; only inference_all_reduce uses it, and
+        # training collectives go through gloo. Skipping it keeps /dev/shm from filling up run by run.
+        # (import_module: the package attribute deepspeed.comm.torch is the torch module itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend)
 
 
