@@ -128,15 +128,10 @@ class FeatureEncoder(nn.Module, abc.ABC):
         """pixels [B, 3, H, W] -> global features [B, D] (model dtype)."""
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels from ``preprocess`` stacked [B, 3, H, W] -> fp16 features [B, D] on the CPU."""
-        device = next(self.parameters()).device
-        pixels = pixels.to(device)
-        if autocast_dtype is not None and device.type == "cuda":
-            with torch.autocast("cuda", dtype=autocast_dtype):
-                out = self.features(pixels)
-        else:
-            out = self.features(pixels.to(next(self.parameters()).dtype))
+        weight = next(self.parameters())
+        out = self.features(pixels.to(device=weight.device, dtype=weight.dtype))
         return out.float().to(torch.float16).cpu()
 
 
