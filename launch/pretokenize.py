@@ -45,6 +45,7 @@ def main() -> int:
     p.add_argument("--items-per-part", type=int, default=2048)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true", help="NHWC VQGAN convs (faster)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args()
     try:
@@ -54,7 +55,8 @@ def main() -> int:
             image=ImagePreprocessConfig(target_size=a.target_size, crop=a.crop), image_root=a.image_root,
             min_image_size=a.min_image_size, max_seq_len=a.max_seq_len, batch_size=a.batch_size,
             num_workers=a.num_workers, num_procs=a.num_procs, rank=a.rank, world_size=a.world_size,
-            items_per_part=a.items_per_part, device=a.device, dtype=a.dtype, progress=not a.no_progress,
+            items_per_part=a.items_per_part, device=a.device, dtype=a.dtype, channels_last=a.channels_last,
+            progress=not a.no_progress,
         )
         summary = run_pretokenize(cfg)
     except (ConfigError, PretokenizeError, VQGANError, FileNotFoundError, ValueError) as e:

@@ -31,6 +31,7 @@ of processes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -94,6 +95,7 @@ class PretokenizeConfig:
     shard_size_limit: int = 1 << 26  # bytes per MDS shard
     device: str = "auto"  # auto: cuda:<rank % gpus> when CUDA is available, else cpu
     dtype: Literal["fp32", "bf16"] = "fp32"  # VQGAN and encoder weights (bf16 only on CUDA)
+    channels_last: bool = False  # NHWC VQGAN convs: ~2x faster; codes may differ at exact distance ties
     progress: bool = True
 
     def validate(self) -> None:
@@ -143,6 +145,7 @@ class PretokenizeConfig:
             "max_seq_len": self.max_seq_len,
             "items_per_part": self.items_per_part,
             "dtype": self.dtype,
+            "channels_last": self.channels_last,
         }
 
 
@@ -259,6 +262,11 @@ def keep_records(records: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack of CPU tensors through numpy: a plain copy, without waking torch's thread pool."""
+    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
+
+
 def part_name(part: int) -> str:
     return f"part-{part:05d}"
 
@@ -306,9 +314,9 @@ class PartWriter:
         )
 
     def _flush(self, records: list[dict]) -> None:
-        codes = self.models.vqgan.encode(torch.stack([r["pixels"] for r in records]))  # [B, h, w]
+        codes = self.models.vqgan.encode(stack([r["pixels"] for r in records]))  # [B, h, w]
         features = {
-            name: encoder.encode(torch.stack([r["encoder_pixels"][name] for r in records]))  # [B, D] fp16
+            name: encoder.encode(stack([r["encoder_pixels"][name] for r in records]))  # [B, D] fp16
             for name, encoder in self.models.encoders.items()
         }
         vocab = self.models.vocab
@@ -378,6 +386,8 @@ def load_models(cfg: PretokenizeConfig, device: torch.device) -> Models:
             "code tokens (IMGIMG...); use the tokenizer that belongs to this VQGAN"
         )
     vqgan = vqgan.to(device=device, dtype=dtype)
+    if cfg.channels_last:
+        vqgan.use_channels_last()
     encoders = {spec.name: load_encoder(spec, device=device, dtype=dtype) for spec in cfg.encoders}
     return Models(vqgan, encoders, vocab, ConversationTokenizer(tokenizer, vocab))
 
@@ -489,7 +499,11 @@ def merge_parts(cfg: PretokenizeConfig, num_items: int, num_parts: int) -> dict:
         raise PretokenizeError(f"no sample was written: all {num_items} items were skipped; see {report}")
     index = out_dir / "index.json"
     index.unlink(missing_ok=True)
-    merge_index([str(out_dir / part_name(p) / "index.json") for p in range(num_parts) if parts[p]["written"]], str(out_dir))
+    logging.disable(logging.WARNING)  # merge_index warns about its temp dir and the existing out dir
+    try:
+        merge_index([str(out_dir / part_name(p) / "index.json") for p in range(num_parts) if parts[p]["written"]], str(out_dir))
+    finally:
+        logging.disable(logging.NOTSET)
     return summary
 
 
