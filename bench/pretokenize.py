@@ -1,9 +1,9 @@
 """Pre-tokenization throughput: our batched pipeline vs a one-image-at-a-time loop like the reference.
 
-    # CPU, tiny models (the number in bench/RESULTS.md):
-    python bench/pretokenize.py --num-images 256 --batch-size 32 --num-workers 1
+    # CPU, tiny models (the numbers in bench/RESULTS.md):
+    python bench/pretokenize.py --size tiny --num-images 256 --batch-size 64 --num-workers 1
     # GPU, real sizes: Chameleon-size VQGAN at 512 x 512 + an open_clip ViT-B/16 (random weights):
-    python bench/pretokenize.py --real-size --num-images 1024 --batch-size 32 --num-workers 8 --device cuda
+    python bench/pretokenize.py --size real --num-images 1024 --batch-size 32 --num-workers 8 --device cuda
 
 Both paths run in the same process on the same machine with the same models and images:
 - reference: what ARRA's scripts do. pre_tokenize_new.py: per item, open the image, crop, VQ-encode
@@ -12,8 +12,9 @@ Both paths run in the same process on the same machine with the same models and 
   preprocess, encode it alone, torch.save one .pt per image.
 - ours: ``run_pretokenize`` (DataLoader workers decode and preprocess, crop-size buckets, batched
   VQGAN and encoders, MDS shards).
-Each path runs once on a few images first (warm-up), then is timed end to end including model
-loading. Prints images/s for both and the ratio; --out writes the same as JSON.
+Each path runs once on a few images first (warm-up), then (reference, ours) pairs are timed end to
+end including model loading, interleaved. Prints median images/s and the median ratio; --out
+writes the same as JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import pickle
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,17 +43,25 @@ from arra_ds.data.sequence import IMAGE_PLACEHOLDER, ConversationTokenizer, imag
 from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer  # noqa: E402
 from arra_ds.model.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
-TINY_VQ = VQGANConfig(n_embed=1024, embed_dim=16, z_channels=32, ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1,
-                      resolution=128)
+# --size: the VQGAN, its crop target and the source image sizes. "tiny" is the size of the test
+# models (per-call overhead dominates on CPU), "small" a 128-px VQGAN with res blocks (convolution
+# dominates), "real" Chameleon's VQGAN at 512 px with an open_clip ViT-B/16 (for a GPU).
+SIZES = {
+    "tiny": (VQGANConfig(n_embed=256, embed_dim=8, z_channels=16, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=0,
+                         resolution=64), 64, [(96, 80), (80, 80), (112, 72), (75, 100)]),
+    "small": (VQGANConfig(n_embed=1024, embed_dim=16, z_channels=32, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1,
+                          resolution=128), 128, [(192, 160), (160, 160), (224, 144), (150, 200)]),
+    "real": (VQGANConfig(), 512, [(640, 560), (600, 600), (800, 520), (560, 720)]),
+}
 
 
-def build_assets(root: Path, num_images: int, real_size: bool) -> dict:
+def build_assets(root: Path, num_images: int, size: str) -> dict:
     """Models saved in their real on-disk formats + a conversation JSON of varied-size JPEGs."""
     torch.manual_seed(0)
-    vq_cfg = VQGANConfig() if real_size else TINY_VQ
+    vq_cfg, target, sizes = SIZES[size]
     VQGAN(vq_cfg).save_original(root / "vqgan.yaml", root / "vqgan.ckpt")
     build_debug_tokenizer(num_image_codes=vq_cfg.n_embed).save(str(root / "text_tokenizer.json"))
-    if real_size:
+    if size == "real":
         import open_clip
         from safetensors.torch import save_file
 
@@ -62,13 +72,11 @@ def build_assets(root: Path, num_images: int, real_size: bool) -> dict:
         (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(clip_dir / "open_clip_model.safetensors"))
         encoders = [EncoderSpec("clip", "open_clip", path=str(clip_dir))]
-        target, sizes = 512, [(640, 560), (600, 600), (800, 520), (560, 720)]
     else:
         encoders = [
-            EncoderSpec("clip", "open_clip", path=str(build_tiny_open_clip_dir(root / "clip", image_size=64, width=64))),
+            EncoderSpec("clip", "open_clip", path=str(build_tiny_open_clip_dir(root / "clip"))),
             EncoderSpec("sam", "sam", path=str(build_tiny_sam_dir(root / "sam")), aggregation="avgpool"),
         ]
-        target, sizes = 128, [(192, 160), (160, 160), (224, 144), (150, 200)]
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
     items = []
@@ -138,31 +146,38 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--real-size", action="store_true", help="Chameleon-size VQGAN at 512 px + open_clip ViT-B/16")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--warmup-images", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed (reference, ours) pairs; medians are reported")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    reference_times, our_times = [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "assets").mkdir()
-        assets = build_assets(root / "assets", args.num_images, args.real_size)
+        assets = build_assets(root / "assets", args.num_images, args.size)
         warm = assets["items"][: args.warmup_images]
         reference_loop(assets, warm, root / "warm_ref", args.device)
         ours(assets, warm, root / "warm_ours", args)
-        reference_s = timed(reference_loop, assets, assets["items"], root / "ref", args.device)
-        ours_s = timed(ours, assets, assets["items"], root / "ours", args)
-        shutil.rmtree(root / "ref", ignore_errors=True)
+        for repeat in range(args.repeats):  # interleaved, so a change in machine load hits both
+            reference_times.append(timed(reference_loop, assets, assets["items"], root / f"ref{repeat}", args.device))
+            our_times.append(timed(ours, assets, assets["items"], root / f"ours{repeat}", args))
+            shutil.rmtree(root / f"ref{repeat}", ignore_errors=True)
+            shutil.rmtree(root / f"ours{repeat}", ignore_errors=True)
+    ratios = [r / o for r, o in zip(reference_times, our_times)]
     result = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "real_size": args.real_size,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "size": args.size,
         "num_images": args.num_images,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
+        "channels_last": args.channels_last,
         "encoders": [s.name for s in assets["encoders"]],
-        "reference_images_per_s": args.num_images / reference_s,
-        "ours_images_per_s": args.num_images / ours_s,
-        "speedup": reference_s / ours_s,
+        "reference_images_per_s": args.num_images / statistics.median(reference_times),
+        "ours_images_per_s": args.num_images / statistics.median(our_times),
+        "speedup_median": statistics.median(ratios),
+        "speedup_per_repeat": ratios,
     }
     print(json.dumps(result, indent=1))
     if args.out:
