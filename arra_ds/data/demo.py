@@ -62,7 +62,7 @@ COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 SIZES = {"small": 0.11, "large": 0.2}  # shape radius as a fraction of the image side
 POSITION_JITTER = 0.03  # random shift of a shape's centre (fraction of the side)
 DEMO_ENCODER = "demo"  # the feature column feat_demo: a tiny open_clip ViT's [CLS] embedding
-CODEBOOK_FIT_IMAGES = 64  # images whose latents (64 each) the k-means codebook is fitted on
+CODEBOOK_FIT_IMAGES = 64  # images whose latents (code_size^2 each) the k-means codebook is fitted on
 CODEBOOK_FIT_ITERATIONS = 10
 # Demo VQGAN design (see design_patch_vqgan): colour pairs scaled so a GroupNorm group's variance
 # (<= 1e-10) stays far below its eps (1e-6); SiLU(3 + 0.1 x) is near-linear for colours x in [-1, 1].
