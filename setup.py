@@ -19,6 +19,9 @@ install_requires = [
     "numpy==2.1.3",
     "pillow==13.0.0",
     "pyyaml==6.0.3",
+    # Feature encoders (BiomedCLIP / CLIP image towers); the built-in demo data set uses a tiny one.
+    "open_clip_torch==3.3.0",
+    "timm==1.0.31",
     "tqdm==4.70.1",
     "tensorboard==2.21.0",
 ]
@@ -27,7 +30,6 @@ extras_require = {
     # Evaluation and feature extraction (FID features, CLIP-Score, MS-SSIM, foundation encoders).
     "eval": [
         "scipy==1.17.1",
-        "open_clip_torch==3.3.0",
         "torchxrayvision==1.5.7",
         "pytorch-msssim==1.0.0",
     ],

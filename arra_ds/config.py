@@ -56,6 +56,8 @@ class RunConfig:
             section.validate()
         if self.train.eval_every:
             self.eval.validate()
+        if self.data.is_demo:  # the demo data must fit the model's vocabulary and the align encoder
+            self.data.demo.check_run(self.model, self.align, self.data.max_seq_len)
         num_layers = self.model.num_hidden_layers()
         if self.align.enabled and not 1 <= self.align.layer <= num_layers:
             raise ConfigError(

@@ -1,5 +1,6 @@
 """Chameleon VQGAN: original-checkpoint layout, strict loading, encode/decode, HF vqmodel parity."""
 
+import copy
 import json
 
 import pytest
@@ -144,6 +145,9 @@ def test_encode_decode_shapes_and_ranges(tiny_vqgan):
     out = tiny_vqgan.decode(codes)
     assert out.shape == (3, 3, 64, 96) and out.dtype == torch.float32
     assert out.min() >= -1 and out.max() <= 1
+    fast = copy.deepcopy(tiny_vqgan).use_channels_last()
+    assert torch.equal(fast.encode(pixels), codes)
+    torch.testing.assert_close(fast.decode(codes), out, atol=1e-4, rtol=1e-4)  # same maths, other summation order
     with pytest.raises(ValueError, match="multiple of the VQGAN stride 16"):
         tiny_vqgan.encode(torch.zeros(1, 3, 40, 64))
     with pytest.raises(ValueError, match=r"\[0, 64\)"):

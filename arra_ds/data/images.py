@@ -103,8 +103,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def pil_to_pixels(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
-    array = np.asarray(to_rgb(image), dtype=np.float32)  # [H, W, 3]
-    return torch.from_numpy(array / PIXEL_MAX * 2.0 - 1.0).permute(2, 0, 1).contiguous()
+    array = np.asarray(to_rgb(image), dtype=np.float32).transpose(2, 0, 1)  # [3, H, W]
+    # numpy, not torch: torch would spin up its intra-op threads for each small image
+    return torch.from_numpy(np.ascontiguousarray(array / PIXEL_MAX * 2.0 - 1.0))
 
 
 def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:

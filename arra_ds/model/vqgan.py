@@ -118,6 +118,8 @@ class VQGANConfig:
             raise VQGANError(f"{source}: n_embed, embed_dim, z_channels, in_channels, out_ch must be >= 1")
         if self.num_res_blocks < 0:
             raise VQGANError(f"{source}: num_res_blocks={self.num_res_blocks} must be >= 0")
+        if self.num_res_blocks == 0 and len(set(self.ch_mult)) > 1:
+            raise VQGANError(f"{source}: with num_res_blocks=0 no layer changes the width, so ch_mult must be constant")
         if self.attn_type not in ("vanilla", "none"):
             raise VQGANError(f"{source}: attn_type={self.attn_type!r}; only 'vanilla' and 'none' exist in Chameleon")
 
@@ -475,7 +477,15 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, kernel_size=1)
         self.source = "<random init>"
+        self.channels_last = False
         self.eval()
+
+    def use_channels_last(self) -> "VQGAN":
+        """NHWC convolutions: ~2x faster on CPU (oneDNN) and with bf16 on GPU. Codes can differ from
+        the default layout only where two codebook entries are equally near (float rounding)."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     @property
     def downsample_factor(self) -> int:
@@ -494,7 +504,10 @@ class VQGAN(nn.Module):
         if pixels.shape[2] % f or pixels.shape[3] % f:
             raise ValueError(f"image size {tuple(pixels.shape[2:])} must be a multiple of the VQGAN stride {f}")
         weight = self.quant_conv.weight
-        return self.quant_conv(self.encoder(pixels.to(device=weight.device, dtype=weight.dtype)))
+        pixels = pixels.to(device=weight.device, dtype=weight.dtype)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return self.quant_conv(self.encoder(pixels))
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -515,7 +528,9 @@ class VQGAN(nn.Module):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.num_codes):
             raise ValueError(f"codes must lie in [0, {self.num_codes}), got [{codes.min()}, {codes.max()}]")
         quant = self.quantize.lookup(codes)
-        return self.decoder(self.post_quant_conv(quant)).clamp(-1.0, 1.0)
+        if self.channels_last:
+            quant = quant.contiguous(memory_format=torch.channels_last)
+        return self.decoder(self.post_quant_conv(quant)).clamp(-1.0, 1.0).contiguous()
 
     # ---- loading / saving --------------------------------------------------------------------
     def _load_strict(self, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -593,8 +608,9 @@ def fit_codebook(model: VQGAN, latents: torch.Tensor, iterations: int = 10, seed
     k = model.num_codes
     points = latents.detach().float().reshape(-1, latents.shape[-1])  # [N, D]
     generator = torch.Generator().manual_seed(seed)
-    if points.shape[0] >= k:
-        centroids = points[torch.randperm(points.shape[0], generator=generator)[:k]].clone()
+    distinct = torch.unique(points, dim=0)  # flat image regions repeat one latent many times
+    if distinct.shape[0] >= k:
+        centroids = distinct[torch.randperm(distinct.shape[0], generator=generator)[:k]].clone()
     else:  # fewer points than codes: jittered copies so no two codes coincide
         picks = torch.randint(points.shape[0], (k,), generator=generator)
         spread = points.std(dim=0, keepdim=True).clamp_min(1e-6)

@@ -1,0 +1,97 @@
+"""Demo image data set: captions in the debug vocabulary, real pipeline output, meaningful codes, config checks."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streaming import StreamingDataset
+
+from arra_ds.config import ConfigError, load_config
+from arra_ds.data.demo import (
+    BACKGROUNDS,
+    MAX_CAPTION_WORDS,
+    DemoDataConfig,
+    check_captions_in_vocabulary,
+    demo_dir,
+    draw_scene,
+    load_demo_vqgan,
+    random_scene,
+    write_demo_dataset,
+)
+from arra_ds.data.images import pil_to_pixels
+from arra_ds.data.schema import check_columns
+from arra_ds.data.sequence import tokens_to_image
+from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
+
+SMALL = DemoDataConfig(num_samples=48, code_size=8, feature_dim=8, num_image_codes=64, samples_per_shard=16)
+
+
+@pytest.fixture(scope="module")
+def small_demo():
+    return write_demo_dataset(demo_dir(SMALL, seed=3), SMALL, seed=3)
+
+
+def test_captions_use_only_debug_words_and_fit_the_bound():
+    rng = np.random.default_rng(0)
+    captions = [random_scene(rng)[2] for _ in range(2000)]
+    check_captions_in_vocabulary(captions, build_debug_tokenizer())
+    assert max(len(c.split()) for c in captions) == MAX_CAPTION_WORDS
+    assert any(c.startswith("three ") for c in captions) and any(" and a " in c for c in captions)
+    with pytest.raises(ValueError, match="'purple'"):
+        check_captions_in_vocabulary(["a purple circle"], build_debug_tokenizer(words=["a", "circle"]))
+
+
+def test_demo_data_set_through_the_real_pipeline(small_demo):
+    assert check_columns(small_demo, "feat_demo")["feat_demo"] == "ndarray:float16"
+    dataset = StreamingDataset(local=str(small_demo), shuffle=False, batch_size=1)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert len(samples) == SMALL.num_samples
+    vocab = ChameleonVocab(build_debug_tokenizer(num_image_codes=SMALL.num_image_codes).get_vocab(with_added_tokens=True))
+    used = set()
+    for sample in samples:
+        tokens, prompt_len = sample["tokens"].tolist(), int(sample["prompt_len"])
+        assert len(tokens) <= SMALL.max_sequence_length() and max(tokens) < vocab.vocab_size
+        words = [vocab.id_to_token[t] for t in tokens[1 : prompt_len - 1]]
+        assert " ".join(words) == sample["caption"].replace(",", " ,")
+        codes = tokens_to_image(tokens[prompt_len:-1], vocab)
+        assert codes.shape == (SMALL.code_size, SMALL.code_size)
+        used |= set(codes.flatten().tolist())
+        assert sample["feat_demo"].shape == (SMALL.feature_dim,)
+    assert len(used) >= SMALL.num_image_codes // 2  # the k-means codebook is in use, not collapsed
+    assert len({s["tokens"].tobytes() for s in samples}) == len(samples)
+
+
+def test_demo_codes_and_decoding_are_meaningful(small_demo):
+    vq = load_demo_vqgan(small_demo)
+    side = SMALL.code_size * 16
+    plain = {name: pil_to_pixels(Image.new("RGB", (side, side), colour)) for name, colour in BACKGROUNDS.items()}
+    codes = {name: vq.encode(pixels[None])[0] for name, pixels in plain.items()}
+    for name, grid in codes.items():
+        assert (grid == grid[0, 0]).all(), name  # a uniform picture is one code everywhere
+    assert len({int(grid[0, 0]) for grid in codes.values()}) == len(BACKGROUNDS)  # colours get their own codes
+
+    rng = np.random.default_rng(7)
+    scenes = torch.stack([pil_to_pixels(draw_scene(*random_scene(rng)[:2], side, rng)) for _ in range(8)])
+    error = ((vq.decode(vq.encode(scenes)) - scenes) ** 2).mean()
+    baseline = ((scenes - scenes.mean(dim=(2, 3), keepdim=True)) ** 2).mean()  # each image's mean colour
+    assert error < 0.5 * baseline  # the fitted read-out reconstructs the pictures, not noise
+
+
+def test_demo_is_cached(small_demo):
+    stamp = (small_demo / "index.json").stat().st_mtime_ns
+    assert write_demo_dataset(small_demo, SMALL, seed=3) == small_demo
+    assert (small_demo / "index.json").stat().st_mtime_ns == stamp
+    assert demo_dir(SMALL, seed=4) != demo_dir(SMALL, seed=3)
+
+
+def test_run_config_cross_checks():
+    assert load_config().data.demo.num_image_codes == load_config().model.debug.num_image_codes
+    with pytest.raises(ConfigError, match="model.debug.num_image_codes=128"):
+        load_config(None, ["model.debug.num_image_codes=128"])
+    with pytest.raises(ConfigError, match="set align.encoder=demo"):
+        load_config(None, ["align.encoder=biomedclip"])
+    with pytest.raises(ConfigError, match="longest demo sample"):
+        load_config(None, ["data.max_seq_len=64"])
+    with pytest.raises(ConfigError, match="code_size=5 must be even"):
+        load_config(None, ["data.demo.code_size=5"])
+    load_config(None, ["align.weight=0", "align.encoder=none"])  # no alignment: the encoder is not used

@@ -1,0 +1,214 @@
+"""Pre-tokenization to MDS: good and bad items, report, StreamingDataset, workers/processes, resume, CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streaming import StreamingDataset
+
+from arra_ds.config import ConfigError
+from arra_ds.data.features import EncoderSpec, build_tiny_open_clip_dir, build_tiny_sam_dir
+from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor
+from arra_ds.data.pretokenize import PartWriter, PretokenizeConfig, PretokenizeError, run_pretokenize
+from arra_ds.data.schema import check_columns
+from arra_ds.data.sequence import IMAGE_PLACEHOLDER, tokens_to_image
+from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
+from arra_ds.model.vqgan import VQGAN, VQGANConfig, fit_codebook
+from tests.conftest import REPO_ROOT, subprocess_env
+
+NUM_CODES = 64
+GOOD_SIZES = [(64, 64), (96, 64), (64, 100), (80, 80), (200, 60), (64, 64), (128, 128), (70, 90), (64, 64), (150, 100)]
+BAD = {  # index in the JSON -> expected reason
+    2: "unreadable_image",
+    5: "missing_image",
+    7: "placeholder_count",
+    9: "empty_text",
+    11: "image_too_small",
+}
+
+
+def item(prompt, images, answer=IMAGE_PLACEHOLDER):
+    return {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}], "image": images}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretok")
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(n_embed=NUM_CODES, embed_dim=8, z_channels=16, ch=32, ch_mult=(1, 1, 1, 1, 1),
+                           num_res_blocks=1, resolution=64))
+    rng = np.random.default_rng(0)
+    warm = torch.nn.functional.interpolate(torch.rand(4, 3, 8, 8) * 2 - 1, size=(64, 64), mode="bilinear")
+    fit_codebook(vq, vq.latents(warm).permute(0, 2, 3, 1))
+    vq.save_original(root / "vqgan.yaml", root / "vqgan.ckpt")
+    tokenizer = build_debug_tokenizer(num_image_codes=NUM_CODES)
+    tokenizer.save(str(root / "text_tokenizer.json"))
+    images_dir = root / "images"
+    images_dir.mkdir()
+    items, good = [], 0
+    for index in range(len(GOOD_SIZES) + len(BAD)):
+        name = f"img{index:02d}.png"
+        reason = BAD.get(index)
+        if reason is None:
+            w, h = GOOD_SIZES[good]
+            good += 1
+            Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h)).save(images_dir / name)
+            items.append(item(f"a red circle number {index}", [f"images/{name}"]))
+        elif reason == "unreadable_image":
+            (images_dir / name).write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+            items.append(item("a corrupt file", [f"images/{name}"]))
+        elif reason == "missing_image":
+            items.append(item("a missing file", [f"images/{name}"]))
+        elif reason == "placeholder_count":
+            Image.new("RGB", (64, 64)).save(images_dir / name)
+            items.append(item("two placeholders", [f"images/{name}"], answer=IMAGE_PLACEHOLDER * 2))
+        elif reason == "empty_text":
+            Image.new("RGB", (64, 64)).save(images_dir / name)
+            items.append(item("   ", [f"images/{name}"]))
+        elif reason == "image_too_small":
+            Image.new("RGB", (16, 16)).save(images_dir / name)
+            items.append(item("a tiny image", [f"images/{name}"]))
+    (root / "data.json").write_text(json.dumps(items))
+    return {
+        "root": root,
+        "clip": build_tiny_open_clip_dir(root / "clip", seed=1),
+        "sam": build_tiny_sam_dir(root / "sam", seed=2),
+        "vq": vq,
+        "vocab": ChameleonVocab(tokenizer.get_vocab(with_added_tokens=True)),
+        "items": items,
+    }
+
+
+def config(assets, out, **overrides) -> PretokenizeConfig:
+    root = assets["root"]
+    base = dict(
+        input=str(root / "data.json"), out_dir=str(out), tokenizer=str(root / "text_tokenizer.json"),
+        vqgan_yaml=str(root / "vqgan.yaml"), vqgan_ckpt=str(root / "vqgan.ckpt"),
+        encoders=[EncoderSpec("clip", "open_clip", path=str(assets["clip"])),
+                  EncoderSpec("sam", "sam", path=str(assets["sam"]), aggregation="avgpool")],
+        image=ImagePreprocessConfig(target_size=64), min_image_size=32, batch_size=3, num_workers=0,
+        items_per_part=4, progress=False,
+    )
+    base.update(overrides)
+    return PretokenizeConfig(**base)
+
+
+def read_samples(out) -> list[dict]:
+    dataset = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def same_samples(a: list[dict], b: list[dict]) -> bool:
+    keys = ["tokens", "prompt_len", "caption", "uid", "feat_clip", "feat_sam"]
+    return len(a) == len(b) and all(all(np.array_equal(x[k], y[k]) for k in keys) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "mds"
+    summary = run_pretokenize(config(assets, out))
+    return out, summary, read_samples(out)
+
+
+def test_good_and_bad_items(assets, reference_run):
+    out, summary, samples = reference_run
+    assert summary["written"] == len(GOOD_SIZES) == len(samples)
+    assert summary["skipped"] == len(BAD)
+    assert summary["skipped_by_reason"] == {r: 1 for r in BAD.values()}
+    report = json.loads((out / "report.json").read_text())
+    assert {b["index"]: b["reason"] for b in report["bad_items"]} == BAD
+    for bad in report["bad_items"]:
+        assert bad["uid"] == assets["items"][bad["index"]]["image"][0] and bad["detail"]
+    columns = check_columns(out, "feat_clip")
+    assert columns["feat_sam"] == "ndarray:float16"
+
+
+def test_samples_hold_the_right_tokens_and_features(assets, reference_run):
+    out, _, samples = reference_run
+    vocab, vq = assets["vocab"], assets["vq"]
+    by_uid = {s["uid"]: s for s in samples}
+    assert len(by_uid) == len(samples)
+    preprocess = VQImagePreprocessor(ImagePreprocessConfig(target_size=64))
+    for index, it in enumerate(assets["items"]):
+        if index in BAD:
+            continue
+        sample = by_uid[it["image"][0]]
+        tokens, prompt_len = sample["tokens"].tolist(), int(sample["prompt_len"])
+        assert sample["caption"] == it["conversations"][0]["value"]
+        assert tokens[0] == vocab.bos_id and tokens[prompt_len - 1] == vocab.end_of_turn_id
+        assert tokens[-1] == vocab.end_of_turn_id and tokens[prompt_len] == vocab.image_start_id
+        codes = tokens_to_image(tokens[prompt_len:-1], vocab)
+        pixels = preprocess(Image.open(assets["root"] / it["image"][0]))
+        assert torch.equal(codes, vq.encode(pixels[None])[0])  # batched run == this image alone
+        assert sample["feat_clip"].shape == (32,) and sample["feat_clip"].dtype == np.float16
+        assert sample["feat_sam"].shape == (16,) and np.isfinite(sample["feat_sam"]).all()
+    sizes = {tuple(tokens_to_image(s["tokens"][int(s["prompt_len"]):-1].tolist(), vocab).shape) for s in samples}
+    assert len(sizes) > 1  # several crop sizes went through the size buckets
+
+
+def test_workers_and_processes_give_the_same_samples(assets, reference_run, tmp_path):
+    _, _, reference = reference_run
+    run_pretokenize(config(assets, tmp_path / "workers", num_workers=2))
+    assert same_samples(read_samples(tmp_path / "workers"), reference)
+    run_pretokenize(config(assets, tmp_path / "procs", num_procs=2))
+    assert same_samples(read_samples(tmp_path / "procs"), reference)
+
+
+def test_interrupted_run_resumes(assets, reference_run, tmp_path, monkeypatch):
+    _, _, reference = reference_run
+    out = tmp_path / "resume"
+    original_finish = PartWriter.finish
+    calls = []
+
+    def crash_on_second_part(self):
+        calls.append(self.part)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill while writing part 1")
+        return original_finish(self)
+
+    monkeypatch.setattr(PartWriter, "finish", crash_on_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretokenize(config(assets, out))
+    monkeypatch.setattr(PartWriter, "finish", original_finish)
+    assert (out / "part-00000" / "part.json").is_file() and (out / "part-00001.tmp").is_dir()
+    assert not (out / "index.json").exists()
+    done_before = (out / "part-00000" / "part.json").stat().st_mtime_ns
+
+    summary = run_pretokenize(config(assets, out))
+    assert (out / "part-00000" / "part.json").stat().st_mtime_ns == done_before  # not redone
+    assert not (out / "part-00001.tmp").exists()
+    assert summary["written"] == len(GOOD_SIZES)
+    assert same_samples(read_samples(out), reference)
+
+    with pytest.raises(PretokenizeError, match="image changed"):
+        run_pretokenize(config(assets, out, image=ImagePreprocessConfig(target_size=96)))
+
+
+def test_cli(assets, tmp_path):
+    root = assets["root"]
+    command = [
+        sys.executable, str(REPO_ROOT / "launch" / "pretokenize.py"), "--input", str(root / "data.json"),
+        "--out-dir", str(tmp_path / "cli"), "--tokenizer", str(root / "text_tokenizer.json"),
+        "--vqgan-yaml", str(root / "vqgan.yaml"), "--vqgan-ckpt", str(root / "vqgan.ckpt"),
+        "--encoder", f"biomedclip={assets['clip']}", "--encoder", f"medsam={assets['sam']}",
+        "--target-size", "64", "--min-image-size", "32", "--num-workers", "1", "--no-progress",
+    ]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(GOOD_SIZES)} samples written, {len(BAD)} skipped" in done.stdout
+    assert set(check_columns(tmp_path / "cli", "feat_biomedclip")) >= {"feat_biomedclip", "feat_medsam"}
+
+
+def test_bad_settings_are_clear_errors(assets, tmp_path):
+    with pytest.raises(ConfigError, match="text_tokenizer.json"):
+        run_pretokenize(config(assets, tmp_path / "x", tokenizer=str(tmp_path / "missing.json")))
+    with pytest.raises(ConfigError, match="vqgan_hf"):
+        run_pretokenize(config(assets, tmp_path / "x", vqgan_hf=str(tmp_path)))
+    small = tmp_path / "small_tokenizer.json"
+    build_debug_tokenizer(num_image_codes=NUM_CODES // 2).save(str(small))
+    with pytest.raises(PretokenizeError, match="64 codes but .* only 32 image code tokens"):
+        run_pretokenize(config(assets, tmp_path / "y", tokenizer=str(small)))
