@@ -29,7 +29,6 @@ from arra_ds import dist  # noqa: E402
 from arra_ds.config import RunConfig  # noqa: E402
 from arra_ds.data.sequence import conversation_tokens, image_to_tokens  # noqa: E402
 from arra_ds.model.losses import IGNORE_INDEX  # noqa: E402
-from arra_ds.model.vocab import build_debug_vocab  # noqa: E402
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config  # noqa: E402
 from arra_ds.train.flops import peak_flops, training_flops_per_token  # noqa: E402
 

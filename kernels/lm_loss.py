@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from arra_ds.model.losses import reference_lm_loss
+from arra_ds.model.losses import PrecomputedGradLinearLoss, accumulate_weight_grad, reference_lm_loss
 from kernels import check_launchable
 
 __all__ = ["fused_lm_loss", "FusedLinearCrossEntropyFunction", "reference_lm_loss"]
@@ -95,17 +95,7 @@ def _row_lse_ce_grad_kernel(
             tl.store(row_ptrs + cols[None, :], grad.to(logits_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-    """grad_weight [V, H] fp32 += grad_logits^T [V, n] @ hidden [n, H], without a [V, H] temporary where possible."""
-    if grad_logits.dtype == torch.float32:
-        grad_weight.addmm_(grad_logits.t(), hidden)
-    elif grad_weight.is_cuda:
-        torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=torch.float32, out=grad_weight)
-    else:  # CPU has no low-precision addmm into an fp32 output
-        grad_weight += (grad_logits.t() @ hidden).float()
-
-
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+class FusedLinearCrossEntropyFunction(PrecomputedGradLinearLoss):
     """(hidden [N, H], weight [V, H], targets [N], z_w, chunk_size) -> (loss, ce, z)."""
 
     @staticmethod
@@ -133,29 +123,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             if want_hidden_grad:
                 grad_hidden[start:end] = logits @ weight  # logits now hold dL/dlogits
             if want_weight_grad:
-                _accumulate_weight_grad(grad_weight, logits, h)
+                accumulate_weight_grad(grad_weight, logits, h)
             del logits
 
-        ce = ce_rows.sum() / num_rows
-        z = lse.square().sum() / num_rows
-        loss = ce + z_loss_weight * z
-        ctx.save_for_backward(
-            grad_hidden if grad_hidden is not None else torch.empty(0),
-            grad_weight if grad_weight is not None else torch.empty(0),
+        return PrecomputedGradLinearLoss.finish_forward(
+            ctx, grad_hidden, grad_weight, weight.dtype, ce_rows.sum() / num_rows, lse.square().sum() / num_rows,
+            z_loss_weight,
         )
-        ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(ce, z)
-        return loss, ce, z
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_z):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        out_hidden = out_weight = None
-        if ctx.needs_input_grad[0]:
-            out_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            out_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return out_hidden, out_weight, None, None, None
 
 
 def fused_lm_loss(

@@ -157,5 +157,10 @@ def test_shipped_ds_configs_fill_cleanly():
         assert "auto" not in json.dumps(filled)
 
 
-def test_run_config_defaults_validate():
-    RunConfig().validate()
+def test_bare_run_config_asks_for_data():
+    with pytest.raises(ConfigError, match="data.path is not set.*data.path=demo"):
+        RunConfig().validate()
+    cfg = RunConfig()
+    cfg.data.path = "demo"
+    cfg.align.encoder = "demo"
+    cfg.validate()

@@ -402,7 +402,7 @@ def _tiny_batches(vocab, feature_dim, device):
             items.append({"input_ids": tokens, "labels": labels})
         batch = collate(items)
         batch["target_features"] = torch.randn(3, feature_dim, generator=g)
-        batches.append({k: v.to(device) for k, v in batch.items()})
+        batches.append({k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
     return batches
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from arra_ds.model.arra import aligned_positions
-from arra_ds.model.losses import IGNORE_INDEX, chunked_lm_loss, gva_loss, reference_lm_loss
+from arra_ds.model.losses import chunked_lm_loss, gva_loss, reference_lm_loss
 
 
 def _lm_inputs(n=37, h=24, v=101, dtype=torch.float32, seed=0):

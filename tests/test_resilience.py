@@ -26,8 +26,9 @@ import pytest
 import torch
 from streaming import MDSWriter
 
-from arra_ds.data.demo import DEMO_ENCODER, DemoDataConfig, make_demo_sample
+from arra_ds.data.demo import DEMO_ENCODER, DemoDataConfig
 from arra_ds.data.schema import columns_for
+from arra_ds.data.sequence import conversation_tokens, image_to_tokens
 from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
 from arra_ds.train import checkpoint as ckpt
 from arra_ds.train.preemption import REQUEUE_EXIT_CODE
@@ -43,20 +44,34 @@ MAX_SEQ_LEN = 128  # an 8x8-code demo sample has ~90 tokens, a 16x16 one ~290
 TIMING_KEYS = {"tokens_per_s", "mfu"}
 
 
+def _token_sample(index: int, code_size: int, vocab, tokenizer, rng, feature_dim: int) -> dict:
+    """One sample with the real layout: a caption and a random code_size x code_size image."""
+    caption = "a red square at the top left"
+    prompt = tokenizer.encode(caption, add_special_tokens=False).ids
+    codes = torch.from_numpy(rng.integers(0, vocab.num_image_codes, (code_size, code_size)))
+    tokens, prompt_len = conversation_tokens(prompt, image_to_tokens(codes, vocab), vocab)
+    return {
+        "tokens": np.asarray(tokens, dtype=np.int32),
+        "prompt_len": np.int32(prompt_len),
+        f"feat_{DEMO_ENCODER}": rng.standard_normal(feature_dim).astype(np.float16),
+        "caption": caption,
+        "uid": f"demo-{index:06d}",
+    }
+
+
 def _write_data(out):
-    """NUM_SAMPLES demo samples; 7 in 10 (by index) have a 16x16 image and exceed MAX_SEQ_LEN."""
+    """NUM_SAMPLES samples; 7 in 10 (by index) have a 16x16 image and exceed MAX_SEQ_LEN."""
     tokenizer = build_debug_tokenizer(num_image_codes=256)
     vocab = ChameleonVocab(tokenizer.get_vocab(with_added_tokens=True), source="debug tokenizer")
     rng = np.random.default_rng(0)
-    fits, overlong = DemoDataConfig(code_size=8), DemoDataConfig(code_size=16)
-    class_vectors = rng.standard_normal((64, fits.feature_dim))
+    feature_dim = DemoDataConfig().feature_dim
     uids_overlong = set()
     with MDSWriter(out=str(out), columns=columns_for([DEMO_ENCODER]), size_limit=1 << 14, progress_bar=False) as w:
         for i in range(NUM_SAMPLES):
-            cfg = overlong if i % 10 < 7 else fits
-            sample = make_demo_sample(i, cfg, vocab, tokenizer, class_vectors, rng)
-            assert (len(sample["tokens"]) > MAX_SEQ_LEN) == (cfg is overlong)
-            if cfg is overlong:
+            code_size = 16 if i % 10 < 7 else 8
+            sample = _token_sample(i, code_size, vocab, tokenizer, rng, feature_dim)
+            assert (len(sample["tokens"]) > MAX_SEQ_LEN) == (code_size == 16)
+            if code_size == 16:
                 uids_overlong.add(sample["uid"])
             w.write(sample)
     return uids_overlong

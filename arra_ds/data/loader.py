@@ -28,7 +28,7 @@ DEMO_PATH = "demo"
 
 @dataclass
 class DataConfig:
-    path: str = DEMO_PATH  # local MDS dir, remote URL (s3://, gs://, ...), or "demo" (built-in)
+    path: str = ""  # local MDS dir, remote URL (s3://, gs://, ...), or "demo" (the built-in demo set)
     cache_dir: str = ""  # local cache for a remote path; required when path is remote
     max_seq_len: int = 4096
     # sequences longer than max_seq_len: cut to max_seq_len, stop with an error, or leave out of the
@@ -51,6 +51,11 @@ class DataConfig:
     def validate(self) -> None:
         from arra_ds.config import ConfigError
 
+        if not self.path:
+            raise ConfigError(
+                f"data.path is not set: give an MDS data set (a directory written by launch/pretokenize.py or a "
+                f"remote URL), or data.path={DEMO_PATH} for the built-in demo images"
+            )
         if self.is_demo:
             self.demo.validate()
         elif self.is_remote:

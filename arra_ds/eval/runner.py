@@ -19,7 +19,6 @@ checkpoint's step).
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,9 +39,7 @@ from arra_ds.generate.images import load_rgb, to_chw_batch
 from arra_ds.generate.pipeline import (
     SampleSpec,
     build_samples,
-    generate_missing,
-    load_decoder,
-    resolve_dtype,
+    generate_missing_images,
     write_manifest,
 )
 from arra_ds.generate.prompts import PromptSet, load_prompts
@@ -175,8 +172,7 @@ def _write_tensorboard(cfg, out_dir: Path, samples, images_dir: Path, metrics: d
 def run_eval(cfg: EvalConfig) -> dict:
     """Run the evaluation on this rank; returns the report on rank 0 and {} elsewhere."""
     from arra_ds.eval.clip_score import build_clip_scorer
-    from arra_ds.generate.loading import describe_model, load_for_generation, load_vocab
-    from arra_ds.generate.sampler import ImageSampler
+    from arra_ds.generate.loading import describe_model, load_vocab
 
     cfg.validate()
     start = time.perf_counter()
@@ -192,18 +188,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     dist.print0(f"eval: {len(prompt_set.prompts)} prompts x {cfg.samples_per_prompt} samples on {dist.world_size()} rank(s)")
 
     # ---- generate what is missing --------------------------------------------------------------
-    generated, reused = 0, sum(len(c) for c in chunks)
-    if any(not (images_dir / samples[k].file_name).is_file() for c in chunks for k in c):
-        model = load_for_generation(cfg.model, resolve_dtype(cfg.precision), device, cfg.tokenizer)
-        decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
-        sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
-        generated, reused = generate_missing(
-            sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar
-        )
-        del model, sampler, decoder
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    generated, reused = generate_missing_images(cfg, samples, chunks, images_dir, device)
     dist.barrier()
     generated, reused = sum_over_ranks([generated, reused])
     if dist.is_rank0():

@@ -14,6 +14,7 @@ when resuming.
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,28 @@ def generate_missing(
 
 
 # ---- launch/generate.py -------------------------------------------------------------------------
+def generate_missing_images(cfg, samples: list[SampleSpec], chunks, images_dir: Path, device) -> tuple[int, int]:
+    """This rank's missing images: (generated, kept). Loads model and decoder only when one is missing.
+
+    ``cfg`` is a GenerateConfig or an EvalConfig (model, precision, tokenizer, vqgan_*, sampling,
+    progress_bar); the model is freed before returning, so evaluation can use the memory next.
+    """
+    from arra_ds.generate.loading import load_for_generation
+    from arra_ds.generate.sampler import ImageSampler
+
+    if all((images_dir / samples[k].file_name).is_file() for chunk in chunks for k in chunk):
+        return 0, sum(len(chunk) for chunk in chunks)
+    model = load_for_generation(cfg.model, resolve_dtype(cfg.precision), device, cfg.tokenizer)
+    decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
+    sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
+    counts = generate_missing(sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar)
+    del model, sampler, decoder
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return counts
+
+
 @dataclass
 class GenerateConfig:
     model: str = ""  # trainer checkpoint (run dir / checkpoints / step dir) or HF model directory
@@ -152,9 +175,8 @@ class GenerateConfig:
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Write the PNGs (and ``samples.jsonl``); returns a summary (on every rank)."""
-    from arra_ds.generate.loading import load_for_generation, load_vocab
+    from arra_ds.generate.loading import load_vocab
     from arra_ds.generate.prompts import load_prompts, prompts_from_texts
-    from arra_ds.generate.sampler import ImageSampler
 
     cfg.validate()
     device = init_from_env()
@@ -166,16 +188,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         prompt_set = prompts_from_texts(cfg.prompt_texts)
     samples = build_samples(prompt_set, cfg.samples_per_prompt, cfg.sampling.seed)
     chunks = my_chunks(len(samples), cfg.batch_size)
-    generated = reused = 0
-    if any(not (images_dir / samples[k].file_name).is_file() for c in chunks for k in c):
-        model = load_for_generation(cfg.model, resolve_dtype(cfg.precision), device, cfg.tokenizer)
-        decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
-        sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
-        generated, reused = generate_missing(
-            sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar
-        )
-    else:
-        reused = sum(len(c) for c in chunks)
+    generated, reused = generate_missing_images(cfg, samples, chunks, images_dir, device)
     dist.barrier()
     generated, reused = sum_over_ranks([generated, reused])
     if dist.is_rank0():

@@ -20,7 +20,46 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+def accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """grad_weight [V, H] fp32 += grad_logits^T [V, n] @ hidden [n, H], without a [V, H] temporary where possible."""
+    if grad_logits.dtype == torch.float32:
+        grad_weight.addmm_(grad_logits.t(), hidden)
+    elif grad_weight.is_cuda:
+        torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=torch.float32, out=grad_weight)
+    else:  # CPU has no low-precision addmm into an fp32 output
+        grad_weight += (grad_logits.t() @ hidden).float()
+
+
+class PrecomputedGradLinearLoss(torch.autograd.Function):
+    """Base of the LM-head losses whose forward already computes d loss / d (hidden, weight).
+
+    Subclasses (the torch chunked loss here, the Triton one in kernels/lm_loss.py) end their forward
+    with ``finish_forward`` and share this backward, which only scales the stored gradients.
+    """
+
+    @staticmethod
+    def finish_forward(ctx, grad_hidden, grad_weight, weight_dtype, ce, z, z_loss_weight: float):
+        loss = ce + z_loss_weight * z
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else torch.empty(0),
+            grad_weight if grad_weight is not None else torch.empty(0),
+        )
+        ctx.weight_dtype = weight_dtype
+        ctx.mark_non_differentiable(ce, z)
+        return loss, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_z):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        out_hidden = out_weight = None
+        if ctx.needs_input_grad[0]:
+            out_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            out_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return out_hidden, out_weight, None, None, None
+
+
+class _ChunkedLinearCrossEntropy(PrecomputedGradLinearLoss):
     """loss = mean_n CE(h_n W^T, y_n) + z_w * mean_n logsumexp(h_n W^T)^2, gradients precomputed."""
 
     @staticmethod
@@ -51,32 +90,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if want_hidden_grad:
                     grad_hidden[start:end] = grad_logits @ weight
                 if want_weight_grad:
-                    if weight.dtype == torch.float32:
-                        grad_weight.addmm_(grad_logits.t(), h)
-                    else:
-                        grad_weight += (grad_logits.t() @ h).float()
+                    accumulate_weight_grad(grad_weight, grad_logits, h)
             del logits
 
-        ce = ce_sum / num_rows
-        z = z_sum / num_rows
-        loss = ce + z_loss_weight * z
-        ctx.save_for_backward(
-            grad_hidden if grad_hidden is not None else torch.empty(0),
-            grad_weight if grad_weight is not None else torch.empty(0),
+        return PrecomputedGradLinearLoss.finish_forward(
+            ctx, grad_hidden, grad_weight, weight.dtype, ce_sum / num_rows, z_sum / num_rows, z_loss_weight
         )
-        ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(ce, z)
-        return loss, ce, z
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_z):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        out_hidden = out_weight = None
-        if ctx.needs_input_grad[0]:
-            out_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            out_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return out_hidden, out_weight, None, None, None
 
 
 def chunked_lm_loss(

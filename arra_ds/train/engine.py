@@ -160,6 +160,13 @@ def _offloads_optimizer(ds_config: dict) -> bool:
     return device not in (None, "none")
 
 
+def _gather_for_edit(params):
+    """ZeRO-3: the full tensors of ``params`` on every rank; rank 0's edits are kept on exit."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+
 class Engine:
     """The DeepSpeed engine behind a small interface the loop needs (forward/backward/step/save)."""
 
@@ -171,16 +178,10 @@ class Engine:
         self.ds_config = ds_config
         self.precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        gather = no_gather
-        hf_ds_config = None
-        if zero_stage(ds_config) == 3:
-            # Must stay referenced while the model is built: transformers reads it through a weakref.
-            hf_ds_config = HfDeepSpeedConfig(ds_config)
-
-            def gather(params):
-                return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
-
-        model = build_model(cfg, dtype=dtype, gather=gather)
+        zero3 = zero_stage(ds_config) == 3
+        # Must stay referenced while the model is built: transformers reads it through a weakref.
+        hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
+        model = build_model(cfg, dtype=dtype, gather=_gather_for_edit if zero3 else no_gather)
         del hf_ds_config
 
         groups = param_groups(model, cfg.optim.weight_decay)

@@ -149,7 +149,10 @@ def _train(cfg, ds_config_path, watcher) -> dict:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
-    engine = Engine(cfg, ds_config)  # built from the common seed: identical initialisation everywhere
+    # Seed right before the model is built: the initialisation must not depend on whether this
+    # process built the demo data set (which draws random numbers) or found it in the cache.
+    dist.seed_everything(cfg.seed)
+    engine = Engine(cfg, ds_config)  # identical initialisation on every rank
     model = engine.model
     dist.seed_everything(dist.rank_seed(cfg.seed))  # then each rank draws its own dropout masks
     loader = build_dataloader(dataset, cfg.data, micro, model.vocab.pad_id, cfg.seed)
