@@ -175,10 +175,15 @@ def _hold_dataset(source, local):
 
 def test_stale_shared_memory_of_a_killed_run_is_removed_and_live_memory_kept(tmp_path):
     source = _write(tmp_path / "src", [6] * 8)
-    crashed, alive = _hold_dataset(source, tmp_path / "cache_a"), _hold_dataset(source, tmp_path / "cache_b")
+    # One after the other: streaming picks the lowest free shm prefix, and two datasets built at the
+    # same moment can pick the same one.
+    crashed = _hold_dataset(source, tmp_path / "cache_a")
+    crashed_prefix = crashed.stdout.readline().strip()
+    alive = _hold_dataset(source, tmp_path / "cache_b")
     try:
-        crashed_prefix, alive_prefix = crashed.stdout.readline().strip(), alive.stdout.readline().strip()
+        alive_prefix = alive.stdout.readline().strip()
         assert crashed_prefix and alive_prefix, "the helper processes did not build their datasets"
+        assert crashed_prefix != alive_prefix
         os.killpg(crashed.pid, signal.SIGKILL)  # with its resource tracker, as a node failure or OOM kill would
         crashed.wait()
         blocks = streaming_shm_blocks()
