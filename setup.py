@@ -24,16 +24,16 @@ install_requires = [
     "timm==1.0.31",
     "tqdm==4.70.1",
     "tensorboard==2.21.0",
+    # Evaluation is part of training (train.eval_every) and of launch/eval.py, not an extra: FID's
+    # matrix square root and MS-SSIM. The FID feature network for X-rays (torchxrayvision) is an extra.
+    "scipy==1.17.1",
+    "pytorch-msssim==1.0.0",
 ]
 
 extras_require = {
-    # Evaluation and feature extraction (FID features, CLIP-Score, MS-SSIM, foundation encoders).
-    "eval": [
-        "scipy==1.17.1",
-        "torchxrayvision==1.5.7",
-        "pytorch-msssim==1.0.0",
-    ],
-    # Fused LM-head cross-entropy (Liger-Kernel); Triton kernels of our own live in kernels/.
+    # The X-ray FID feature network (torchxrayvision's DenseNet-121), for extractors=[xrv].
+    "eval": ["torchxrayvision==1.5.7"],
+    # Liger-Kernel: the baseline that bench/lm_loss.py and tests/test_kernels.py compare our kernels/ with.
     "kernels": ["liger-kernel==0.8.5"],
     # GPU-only: flash attention 2 (needs a CUDA toolchain to build).
     "gpu": ["flash-attn>=2.6.3"],

@@ -203,9 +203,9 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-    """YAML file (default: the embedded ``configs/debug.yaml``) + ``key=value`` overrides -> RunConfig."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file, with errors that name the file."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -214,8 +214,18 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    data = apply_overrides(data, overrides)
-    cfg = from_dict(RunConfig, data)
+    return data
+
+
+def load_dataclass_config(cls: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:
+    """Dataclass ``cls`` from an optional YAML file + ``key=value`` overrides (generate, eval, FID stats)."""
+    data = read_config_file(path) if path else {}
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """YAML file (default: the embedded ``configs/debug.yaml``) + ``key=value`` overrides -> RunConfig."""
+    cfg = load_dataclass_config(RunConfig, path or DEFAULT_CONFIG, overrides)
     cfg.validate()
     return cfg
 

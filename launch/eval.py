@@ -14,11 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from arra_ds.config import ConfigError, apply_overrides, from_dict  # noqa: E402
+from arra_ds.cli import run_launcher  # noqa: E402
+from arra_ds.config import load_dataclass_config  # noqa: E402
 from arra_ds.eval.fid import StatsMismatchError  # noqa: E402
 from arra_ds.eval.runner import EvalConfig, run_eval  # noqa: E402
 
@@ -28,19 +27,10 @@ def main() -> int:
     parser.add_argument("--config", default=None, help="YAML with EvalConfig fields")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. model=runs/x sampling.guidance_scale=3")
     args = parser.parse_args()
-    try:
-        data = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-        cfg = from_dict(EvalConfig, apply_overrides(data, args.overrides))
-        run_eval(cfg)
-    except (ConfigError, StatsMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-    return 0
+    return run_launcher(
+        lambda: run_eval(load_dataclass_config(EvalConfig, args.config, args.overrides)),
+        bad_input=(StatsMismatchError, FileNotFoundError, ValueError),  # ValueError includes ConfigError
+    )
 
 
 if __name__ == "__main__":

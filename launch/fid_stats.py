@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from arra_ds.config import ConfigError, apply_overrides, from_dict  # noqa: E402
+from arra_ds.cli import run_launcher  # noqa: E402
+from arra_ds.config import load_dataclass_config  # noqa: E402
 from arra_ds.eval.reference import ReferenceStatsConfig, write_reference_stats  # noqa: E402
 
 
@@ -23,17 +24,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value fields of ReferenceStatsConfig")
     args = parser.parse_args()
-    try:
-        write_reference_stats(from_dict(ReferenceStatsConfig, apply_overrides({}, args.overrides)))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-    return 0
+    return run_launcher(
+        lambda: write_reference_stats(load_dataclass_config(ReferenceStatsConfig, None, args.overrides)),
+        bad_input=(FileNotFoundError, ValueError),  # ValueError includes ConfigError
+    )
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from arra_ds.config import ConfigError, apply_overrides, from_dict  # noqa: E402
+from arra_ds.cli import run_launcher  # noqa: E402
+from arra_ds.config import load_dataclass_config  # noqa: E402
 from arra_ds.generate.pipeline import GenerateConfig, run_generate  # noqa: E402
 
 
@@ -27,20 +26,13 @@ def main() -> int:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); instead of prompts=<file>")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. model=runs/x sampling.guidance_scale=3")
     args = parser.parse_args()
-    try:
-        data = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-        cfg = from_dict(GenerateConfig, apply_overrides(data, args.overrides))
+
+    def work():
+        cfg = load_dataclass_config(GenerateConfig, args.config, args.overrides)
         cfg.prompt_texts += args.prompt
         run_generate(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        import torch.distributed as tdist
 
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-    return 0
+    return run_launcher(work, bad_input=(FileNotFoundError, ValueError))  # ValueError includes ConfigError
 
 
 if __name__ == "__main__":

@@ -134,3 +134,16 @@ def test_reference_stats_from_folder_and_mds(tmp_path, assets, capsys):
     assert run_launcher("fid_stats.py", mds_args) == 0
     assert load_stats(tmp_path / "mds_stats" / "xrv.npz").num_samples == 4
     assert run_launcher("fid_stats.py", mds_args[:-5]) == 2  # an MDS source without model / VQGAN
+
+
+@pytest.mark.parametrize("script", ["generate.py", "eval.py", "fid_stats.py"])
+def test_launchers_answer_bad_config_with_one_line_and_exit_2(tmp_path, capsys, script):
+    assert run_launcher(script, ["output_dri=x"]) == 2  # a typo: the message suggests the key meant
+    assert "unknown config key 'output_dri'. Did you mean 'output_dir'?" in capsys.readouterr().err
+    if script != "fid_stats.py":  # the only launcher without --config
+        broken = tmp_path / "broken.yaml"
+        broken.write_text("model: [unclosed\n")
+        assert run_launcher(script, ["--config", str(broken)]) == 2
+        assert f"config file {broken} is not valid YAML" in capsys.readouterr().err
+        assert run_launcher(script, ["--config", str(tmp_path / "missing.yaml")]) == 2
+        assert "missing.yaml does not exist" in capsys.readouterr().err

@@ -148,8 +148,18 @@ def build_inception(weights: str = "") -> FeatureExtractor:
 
 
 # ---- xrv ----------------------------------------------------------------------------------------
+def _import_xrv():
+    try:
+        import torchxrayvision
+    except ImportError as e:
+        raise ImportError(
+            "the 'xrv' FID extractor needs torchxrayvision, an optional dependency: pip install -e '.[eval]'"
+        ) from e
+    return torchxrayvision
+
+
 def xrv_cache_path() -> Path:
-    import torchxrayvision as xrv
+    xrv = _import_xrv()
 
     url = xrv.models.model_urls[XRV_WEIGHTS_NAME]["weights_url"]
     return Path(os.path.expanduser(xrv.utils.get_cache_dir())) / os.path.basename(url)
@@ -180,7 +190,7 @@ class XRVFeatures(nn.Module):
 
 
 def build_xrv(weights: str = "") -> FeatureExtractor:
-    import torchxrayvision as xrv
+    xrv = _import_xrv()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
