@@ -33,6 +33,15 @@ def _private_cache(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Generation tests: one intra-op thread, so sampling sees the same reductions in every batch shape."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def subprocess_env(**extra) -> dict:
     """Environment for launcher subprocesses (deepspeed/torchrun): the repo on PYTHONPATH, CPU only."""
     env = dict(os.environ)

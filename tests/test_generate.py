@@ -16,12 +16,7 @@ from arra_ds.generate.sampling import (
 from gen_helpers import tiny_backbone, tiny_vqgan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

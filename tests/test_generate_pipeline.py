@@ -20,12 +20,7 @@ from conftest import REPO_ROOT
 from gen_helpers import NUM_CODES, PROMPTS, save_backbone_dir, save_vqgan, write_mds, write_prompt_json
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, subprocess_env
 
 LAUNCHERS = ["train.py", "generate.py", "eval.py", "fid_stats.py", "pretokenize.py", "export_hf.py"]
 

@@ -84,9 +84,10 @@ def prepare_data_dir(cfg: DataConfig, seed: int) -> tuple[str | None, str]:
     if dist.local_rank() == 0:
         removed = clean_stale_streaming_shm()
         if removed:
+            prefixes = sorted({name.split("_", 1)[0] for name in removed})
             print(
-                f"removed {len(removed)} stale streaming shared-memory blocks from /dev/shm (left by a crashed run): "
-                f"{removed}",
+                f"removed {len(removed)} stale streaming shared-memory blocks from /dev/shm, left by "
+                f"{len(prefixes)} crashed dataset(s) (prefixes {', '.join(prefixes)})",
                 flush=True,
             )
         if cfg.is_demo:
