@@ -6,12 +6,16 @@
 #   scripts/slurm_cluster.sh status
 #   scripts/slurm_cluster.sh stop
 #
-# Needs Debian's slurm-wlm (apt-get install -y slurm-wlm) and root: slurmd runs jobs as the submitting
-# user and gives every job a private /tmp and /dev/shm per node (job_container/tmpfs), so the two
-# "nodes" on one host do not share streaming's shared memory, as real nodes would not. No munge:
-# auth/none + cred/none, which is only acceptable on a test host. CPUs are the schedulable resource.
-# State, configs and logs live in $ARRA_DS_SLURM_DIR (default /var/tmp/arra_ds_slurm); keep job
-# outputs outside /tmp, which each job sees as its own private, empty directory.
+# Needs Debian's slurm-wlm (apt-get install -y slurm-wlm), util-linux's unshare and root (slurmd runs
+# jobs as the submitting user). No munge: auth/none + cred/none, which is only acceptable on a test
+# host. CPUs are the schedulable resource. State, configs and logs live in $ARRA_DS_SLURM_DIR
+# (default /var/tmp/arra_ds_slurm).
+#
+# Each slurmd runs in its own mount namespace with its own /dev/shm (a tmpfs), so jobs on node1 and
+# node2 do not share shared memory, as separate machines would not: the local leaders of one job on two
+# "nodes" pick the same StreamingDataset shm prefix at the same moment, which on one shared /dev/shm
+# fails with FileExistsError. /tmp stays shared, so a checkout or virtualenv under /tmp (a CI clone)
+# is visible to the jobs; Slurm 22.05's job_container/tmpfs would hide it.
 set -euo pipefail
 
 STATE=${ARRA_DS_SLURM_DIR:-/var/tmp/arra_ds_slurm}
@@ -26,7 +30,7 @@ write_config() {
     local node_lines="" i=0
     for node in "${NODES[@]}"; do
         i=$((i + 1))
-        mkdir -p "$STATE/spool/$node" "$STATE/containers/$node"
+        mkdir -p "$STATE/spool/$node"
         node_lines+="NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$(hostname) Port=$((CTLD_PORT + 10 + i)) CPUs=$CPUS State=UNKNOWN"$'\n'
     done
     cat > "$SLURM_CONF_FILE" <<CONF
@@ -46,8 +50,6 @@ SlurmdLogFile=$STATE/log/slurmd.%n.log
 SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobContainerType=job_container/tmpfs
-PrologFlags=Contain
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
@@ -58,12 +60,6 @@ KillWait=30
 MinJobAge=3600
 ${node_lines}PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 CONF
-    {
-        echo "AutoBasePath=true"
-        for node in "${NODES[@]}"; do
-            echo "NodeName=$node BasePath=$STATE/containers/$node"
-        done
-    } > "$CONF_DIR/job_container.conf"
 }
 
 running() {  # pid file -> true while that process lives
@@ -72,14 +68,15 @@ running() {  # pid file -> true while that process lives
 
 start() {
     command -v slurmctld >/dev/null || { echo "slurmctld not found: apt-get install -y slurm-wlm" >&2; exit 1; }
-    [[ $(id -u) == 0 ]] || { echo "starting slurmd needs root (it switches to the job's user and mounts per-job /tmp, /dev/shm)" >&2; exit 1; }
+    [[ $(id -u) == 0 ]] || { echo "starting slurmd needs root (a private /dev/shm per node; slurmd switches to the job's user)" >&2; exit 1; }
     write_config
     export SLURM_CONF=$SLURM_CONF_FILE
-    # -c: forget jobs of an earlier session. (slurmctld warns that PrologFlags=Contain wants
-    # proctrack/cgroup for pam_slurm_adopt; that is not used here, and job_container/tmpfs needs it.)
+    # -c: forget jobs of an earlier session.
     running "$STATE/slurmctld.pid" || slurmctld -c -f "$SLURM_CONF_FILE"
     for node in "${NODES[@]}"; do
-        running "$STATE/slurmd.$node.pid" || slurmd -f "$SLURM_CONF_FILE" -N "$node"
+        running "$STATE/slurmd.$node.pid" || unshare --mount --propagation private sh -c \
+            'mount -t tmpfs -o mode=1777 "arra_ds_shm_$1" /dev/shm && exec slurmd -f "$2" -N "$1"' \
+            _ "$node" "$SLURM_CONF_FILE"
     done
     for _ in $(seq 60); do
         if [[ $(sinfo -h -o '%t' 2>/dev/null | sort -u | tr '\n' ' ') == "idle " ]]; then
