@@ -15,51 +15,37 @@ largest normwise error against eager on the loss and every gradient.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.kernel_cli import kernel_bench_parser, parse_with_shape, select_device  # noqa: E402
 
 SEVEN_B = dict(rows_per_sample=1024, samples=8, hidden=4096, dim=512)  # 512x512 image: 32 x 32 codes
 SMALL = dict(rows_per_sample=64, samples=4, hidden=256, dim=64)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help=f"CPU-sized shape {SMALL} instead of the 7B shape {SEVEN_B}")
+    p = kernel_bench_parser(__doc__, SEVEN_B, SMALL, warmup=3, iters=10)
     p.add_argument("--rows-per-sample", type=int, help="aligned rows per sample (N = samples x this)")
     p.add_argument("--samples", type=int, help="samples B")
     p.add_argument("--hidden", type=int, help="backbone width H")
     p.add_argument("--dim", type=int, help="projector width D")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--kind", choices=["cosine", "mse"], default="cosine")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--impls", default="eager,compile,fused", help="comma list of eager, compile, fused")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    args = p.parse_args(argv)
-    for key, value in (SMALL if args.small else SEVEN_B).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return parse_with_shape(p, argv, SEVEN_B, SMALL)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cpu":
-        # before torch pulls in triton.language: Triton picks compile vs interpret at import time
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device, dtype = select_device(args)  # before torch imports triton.language
     import torch
     import torch.nn.functional as F
 
     from bench.harness import max_rel_error, measure, print_table
     from kernels.align_loss import fused_projection_loss, reference_projection_loss
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu (and --small)")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     n = args.rows_per_sample * args.samples
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, args.hidden, generator=g).to(device, dtype).requires_grad_()

@@ -15,11 +15,12 @@ vs eager) and each implementation's normwise error against eager.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.kernel_cli import kernel_bench_parser, parse_with_shape, select_device  # noqa: E402
 
 SEVEN_B = dict(rows=8 * 4096, hidden=4096, vocab=65536)
 SMALL = dict(rows=512, hidden=64, vocab=1024)
@@ -27,30 +28,19 @@ IMPLS = ("eager", "compile", "chunked", "fused", "liger")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help=f"CPU-sized shape {SMALL} instead of the 7B shape {SEVEN_B}")
+    p = kernel_bench_parser(__doc__, SEVEN_B, SMALL, warmup=2, iters=5)
     p.add_argument("--rows", type=int, help="supervised rows N = B x T")
     p.add_argument("--hidden", type=int, help="H")
     p.add_argument("--vocab", type=int, help="V")
     p.add_argument("--z-loss-weight", type=float, default=1e-5)
     p.add_argument("--chunk-size", type=int, default=2048, help="rows per chunk (chunked and fused)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list, eager first, of {', '.join(IMPLS)}")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    args = p.parse_args(argv)
-    for key, value in (SMALL if args.small else SEVEN_B).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return parse_with_shape(p, argv, SEVEN_B, SMALL)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cpu":
-        # before torch pulls in triton.language: Triton picks compile vs interpret at import time
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device, dtype = select_device(args)  # before torch imports triton.language
     import torch
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -58,10 +48,6 @@ def main(argv=None) -> None:
     from bench.harness import max_rel_error, measure, print_table
     from kernels.lm_loss import fused_lm_loss
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu (and --small)")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     z_w = args.z_loss_weight
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.rows, args.hidden, generator=g).to(device, dtype).requires_grad_()
