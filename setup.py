@@ -46,7 +46,8 @@ setup(
     version="0.1.0",
     description="Distributed ARRA training for autoregressive text-to-image LLMs (Chameleon, Lumina-mGPT)",
     python_requires=">=3.10",
-    packages=find_packages(include=["arra_ds", "arra_ds.*", "kernels", "kernels.*"]),
+    # arra_ds/kernels is a link to the top-level kernels/ folder (the design card keeps it there)
+    packages=find_packages(include=["arra_ds", "arra_ds.*"]),
     include_package_data=True,
     install_requires=install_requires,
     extras_require=extras_require,

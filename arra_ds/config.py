@@ -1,74 +1,32 @@
-"""Run configuration: typed dataclasses, a YAML file and ``key=value`` overrides.
+"""Typed configs from YAML files and ``key=value`` overrides (generic: no section is known here).
 
 Each module owns the dataclass of its settings (``ModelConfig`` in ``model/backbone.py``,
-``AlignConfig`` in ``model/arra.py``, ``DataConfig`` in ``data/loader.py``, ``OptimConfig`` in
-``train/optim.py``, ``TrainConfig`` in ``train/loop.py``); ``RunConfig`` composes them.
+``DataConfig`` in ``data/loader.py``, ...); a launcher's config composes them (the trainer's
+``RunConfig`` in ``train/run_config.py``, ``GenerateConfig``, ``EvalConfig``):
 
-    cfg = load_config("configs/debug.yaml", ["train.max_steps=20", "align.layer=2"])
+    cfg = load_dataclass_config(RunConfig, "configs/debug.yaml", ["train.max_steps=20", "align.layer=2"])
 
 Unknown keys, values of the wrong type and choices outside a ``Literal`` raise ``ConfigError`` with
-the valid options; cross-field checks live in each dataclass's ``validate`` and in
-``RunConfig.validate``. ``save_config`` writes the resolved config into the run directory.
+the valid options; cross-field checks live in each dataclass's ``validate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args, get_origin
 
 import yaml
 
-from arra_ds.data.loader import DataConfig
-from arra_ds.eval.train_eval import TrainEvalConfig
-from arra_ds.model.arra import AlignConfig
-from arra_ds.model.backbone import ModelConfig
-from arra_ds.train.loop import TrainConfig
-from arra_ds.train.optim import OptimConfig
+from arra_ds.errors import ConfigError
+from arra_ds.io import atomic_write
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "debug.yaml"
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message says which key and how to fix it."""
-
-
-@dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    align: AlignConfig = field(default_factory=AlignConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)  # used when train.eval_every > 0
-    output_dir: str = "runs/debug"
-    seed: int = 0
-
-    def validate(self) -> None:
-        for section in (self.model, self.align, self.data, self.optim, self.train):
-            section.validate()
-        if self.train.eval_every:
-            self.eval.validate()
-        if self.data.is_demo:  # the demo data must fit the model's vocabulary and the align encoder
-            self.data.demo.check_run(self.model, self.align, self.data.max_seq_len)
-        num_layers = self.model.num_hidden_layers()
-        if self.align.enabled and not 1 <= self.align.layer <= num_layers:
-            raise ConfigError(
-                f"align.layer={self.align.layer} is out of range: the backbone has {num_layers} decoder layers, "
-                f"so use 1..{num_layers} (layer L is Hugging Face hidden_states[L], the output of decoder layer L)"
-            )
-        if self.data.max_seq_len > self.model.max_positions() > 0:
-            raise ConfigError(
-                f"data.max_seq_len={self.data.max_seq_len} exceeds the backbone's max_position_embeddings="
-                f"{self.model.max_positions()}; lower data.max_seq_len"
-            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,16 +181,49 @@ def load_dataclass_config(cls: type, path: str | Path | None = None, overrides: 
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-    """YAML file (default: the embedded ``configs/debug.yaml``) + ``key=value`` overrides -> RunConfig."""
-    cfg = load_dataclass_config(RunConfig, path or DEFAULT_CONFIG, overrides)
-    cfg.validate()
-    return cfg
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a config dataclass as YAML (atomically: a resumed run may read it while it is replaced)."""
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+def _field_comments(cls: type) -> dict[str, str]:
+    """field name -> the comment at the end of its line in the class source (best effort: {} if the
+    source is not available)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for line in source.splitlines():
+        match = _FIELD_LINE.match(line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$")
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[str]:
+    """One line per settable key of dataclass ``cls`` (nested sections as ``section.key``): its type,
+    default and comment, for a launcher's ``--help``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe_fields(tp, prefix=f"{key}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        comment = f"  # {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"  {key}={default!r} ({_type_name(tp)}){comment}")
+    return lines

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     import torch.nn.functional as F
 
     from bench.harness import max_rel_error, measure, print_table
-    from kernels.align_loss import fused_projection_loss, reference_projection_loss
+    from arra_ds.kernels.align_loss import fused_projection_loss, reference_projection_loss
 
     n = args.rows_per_sample * args.samples
     g = torch.Generator().manual_seed(0)

@@ -28,10 +28,12 @@ from transformers import ChameleonForConditionalGeneration, DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from arra_ds.generate import ImageLayout, ImageSampler, SamplingConfig, seed_for_sample  # noqa: E402
+from arra_ds.generate.sampler import ImageSampler  # noqa: E402
+from arra_ds.generate.sampling import SamplingConfig, seed_for_sample  # noqa: E402
+from arra_ds.tokens.layout import ImageGrid  # noqa: E402
 from arra_ds.generate.sampling import draw_uniforms, restrict_to, sample_generators, sample_top_k  # noqa: E402
 from arra_ds.model.backbone import DebugModelConfig, LMHeadWithLoss, debug_chameleon_config  # noqa: E402
-from arra_ds.model.vocab import ChameleonVocab  # noqa: E402
+from arra_ds.tokens.vocab import ChameleonVocab  # noqa: E402
 
 # Chameleon-7B: hidden 4096, 32 layers x 32 heads, MLP 11008, vocab 65536, 8192 image codes.
 SHAPES = {
@@ -61,7 +63,7 @@ def build_model(shape: str, layers: int, device: str, dtype: torch.dtype):
 @torch.inference_mode()
 def lumina_style_generate(model, vocab, cfg: SamplingConfig, prompt_ids, seed) -> torch.Tensor:
     """One image; conditional and unconditional branches as separate batch-1 calls (own KV caches)."""
-    layout = ImageLayout.for_pixels(cfg.height, cfg.width)
+    layout = ImageGrid.for_pixels(cfg.height, cfg.width)
     device = next(model.parameters()).device
     allowed = torch.zeros(model.lm_head.weight.shape[0], dtype=torch.bool, device=device)
     allowed[vocab.image_token_ids.to(device)] = True
@@ -120,7 +122,7 @@ def main() -> int:
     prompts = [[vocab.id(w) for w in words[i % 7 : i % 7 + 5 + i % 4]] for i in range(args.num_images)]
     seeds = [seed_for_sample(0, k) for k in range(args.num_images)]
     sampler = ImageSampler(model, vocab, cfg)
-    steps = ImageLayout.for_pixels(args.size, args.size).body_length
+    steps = ImageGrid.for_pixels(args.size, args.size).body_length
 
     sampler.generate(prompts[:1], seeds[:1])  # warm-up (kernels, allocator)
     lumina_style_generate(model, vocab, cfg, prompts[0], seeds[0])

@@ -44,9 +44,10 @@ def main(argv=None) -> None:
     import torch
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
-    from arra_ds.model.losses import IGNORE_INDEX, chunked_lm_loss, reference_lm_loss
+    from arra_ds.tokens.layout import IGNORE_INDEX
+    from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
     from bench.harness import max_rel_error, measure, print_table
-    from kernels.lm_loss import fused_lm_loss
+    from arra_ds.kernels.lm_loss import fused_lm_loss
 
     z_w = args.z_loss_weight
     g = torch.Generator().manual_seed(0)

@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arra_ds.data.features import EncoderSpec, build_tiny_open_clip_dir, build_tiny_sam_dir, load_encoder  # noqa: E402
 from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor  # noqa: E402
 from arra_ds.data.pretokenize import PretokenizeConfig, run_pretokenize  # noqa: E402
-from arra_ds.data.sequence import IMAGE_PLACEHOLDER, ConversationTokenizer, image_to_tokens, load_text_tokenizer  # noqa: E402
-from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer  # noqa: E402
-from arra_ds.model.vqgan import VQGAN, VQGANConfig  # noqa: E402
+from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, image_to_tokens  # noqa: E402
+from arra_ds.tokens.conversation import ConversationTokenizer, load_text_tokenizer  # noqa: E402
+from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer  # noqa: E402
+from arra_ds.tokens.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
 # --size: the VQGAN, its crop target and the source image sizes. "tiny" is the size of the test
 # models (per-call overhead dominates on CPU), "small" a 128-px VQGAN with res blocks (convolution

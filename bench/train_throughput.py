@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arra_ds import dist  # noqa: E402
-from arra_ds.config import RunConfig  # noqa: E402
-from arra_ds.data.sequence import conversation_tokens, image_to_tokens  # noqa: E402
-from arra_ds.model.losses import IGNORE_INDEX  # noqa: E402
+from arra_ds import distributed as dist  # noqa: E402
+from arra_ds.train.run_config import RunConfig  # noqa: E402
+from arra_ds.tokens.layout import conversation_tokens, image_to_tokens  # noqa: E402
+from arra_ds.tokens.layout import IGNORE_INDEX  # noqa: E402
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config  # noqa: E402
-from arra_ds.train.flops import peak_flops, training_flops_per_token  # noqa: E402
+from arra_ds.train.flops import peak_flops  # noqa: E402
 
 SHAPES = {
     # hidden, layers, heads, MLP, VQ codes, vocab (Chameleon-7B: 4096 / 32 / 32 / 11008 / 8192 / 65536)
@@ -83,8 +83,8 @@ def measure(mode: str, args, ds_template: dict) -> dict:
     cfg.train.micro_batch_size = args.micro_batch
     cfg.data.max_seq_len = args.seq_len
     cfg.optim.lr = 1e-5
-    ds_config = fill_ds_config(ds_template, cfg, dist.world_size(), shape["hidden_size"])
-    engine = Engine(cfg, ds_config)
+    ds_config = fill_ds_config(ds_template, cfg.train, cfg.optim, dist.world_size(), shape["hidden_size"])
+    engine = Engine(cfg.model, cfg.align, cfg.optim, ds_config)
     model = engine.model
     vocab = model.vocab
     batch = packed_batch(vocab, args.micro_batch, args.seq_len, args.code_side, args.prompt_len, args.feature_dim, seed=dist.rank())
@@ -113,10 +113,8 @@ def measure(mode: str, args, ds_template: dict) -> dict:
     timings = {k: statistics.median(v) for k, v in phases.items()}
     step_s = statistics.median([f + b + o for f, b, o in zip(*phases.values())])
     tokens_per_s = args.micro_batch * args.seq_len / step_s  # per rank
-    embed = model.backbone.model.embed_tokens.weight
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    non_embedding = total - getattr(embed, "ds_numel", embed.numel())
-    flops = training_flops_per_token(non_embedding, shape["num_hidden_layers"], shape["hidden_size"], args.seq_len)
+    flops = model.flops_per_token(args.seq_len)
+    non_embedding = model.non_embedding_parameters()
     # Full activation checkpointing re-runs every layer's forward: hardware does 8N + 16LHT per token.
     recompute = 0.0 if args.no_activation_checkpointing else (2 * non_embedding + 4 * shape["num_hidden_layers"] * shape["hidden_size"] * args.seq_len)
     peak = peak_flops()

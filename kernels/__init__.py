@@ -1,62 +1,69 @@
-"""Fused Triton kernels, each with its ``torch.autograd.Function`` and a pure-torch reference.
+"""Fused Triton kernels, each beside its ``torch.autograd.Function`` and its torch counterpart.
 
-- ``kernels.align_loss``: projector MLP (Linear - exact GELU - Linear) + cosine / MSE alignment
-  loss with the per-sample averaging of ``arra_ds.model.losses.gva_loss``.
-- ``kernels.lm_loss``: LM head + cross-entropy + z-loss without materialising [N, V] fp32 logits.
+    lm_loss.py          LM head + cross-entropy + z-loss without [N, V] fp32 logits (Triton)
+    lm_loss_torch.py    the same loss chunked in torch (the fallback) and the full-logits reference
+    align_loss.py       projector MLP (Linear - exact GELU - Linear) + cosine / MSE alignment loss (Triton)
+    align_loss_torch.py ``gva_loss`` (the fallback, after the model's projector) and the whole reference
+    modes.py            ``model.fused_kernels`` (auto / on / off): which of the two runs
 
-This package init imports no Triton: the kernel modules are imported lazily where a fused path
-runs. Triton decides at *decoration* time whether ``@triton.jit`` compiles for the GPU or runs in
-the CPU interpreter (``TRITON_INTERPRET=1``), both for our kernels and for triton.language's own
+Installed as ``arra_ds.kernels`` (``arra_ds/kernels`` is a link to this folder). The model calls
+``lm_head_loss`` and ``projection_alignment_loss`` below; they import a Triton module only where its
+kernel runs. Triton decides at *decoration* time whether ``@triton.jit`` compiles for the GPU or runs
+in the CPU interpreter (``TRITON_INTERPRET=1``), both for our kernels and for triton.language's own
 helpers, which torch imports lazily; so the variable must be set at process start.
-
-Which path runs is decided by ``model.fused_kernels``:
-  ``off``  always the torch code;
-  ``on``   always the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
-  ``auto`` the Triton kernels for CUDA tensors, the torch code for anything else.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-FUSED_KERNEL_MODES = ("auto", "on", "off")
+from arra_ds.kernels.align_loss_torch import LossKind, gva_loss
+from arra_ds.kernels.lm_loss_torch import chunked_lm_loss
+from arra_ds.kernels.modes import (
+    ALIGN_MAX_FEATURE_DIM,
+    FUSED_KERNEL_MODES,
+    check_launchable,
+    triton_interpreter_enabled,
+    use_fused_kernel,
+)
 
-# Widest projector output the fused alignment kernel takes: one program keeps a [BLOCK_N, D] fp32
-# tile of fc1's output in registers (BLOCK_N >= 16, the smallest tl.dot tile). Wider projectors
-# (no encoder we use has D > 1024) run the torch path under ``auto`` and are refused under ``on``.
-ALIGN_MAX_FEATURE_DIM = 1024
-
-
-def triton_interpreter_enabled() -> bool:
-    """True when TRITON_INTERPRET asks for the CPU interpreter (same spellings Triton accepts)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
-
-
-def use_fused_kernel(mode: str, tensor: torch.Tensor) -> bool:
-    """Resolve ``model.fused_kernels`` for one call, given a tensor the kernel would read."""
-    if mode == "on":
-        return True
-    if mode == "off":
-        return False
-    if mode == "auto":
-        return tensor.is_cuda
-    raise ValueError(f"fused kernel mode {mode!r} is not one of {FUSED_KERNEL_MODES}")
+__all__ = [
+    "ALIGN_MAX_FEATURE_DIM", "FUSED_KERNEL_MODES", "check_launchable", "gva_loss", "lm_head_loss", "projection_alignment_loss",
+    "triton_interpreter_enabled", "use_fused_kernel",
+]
 
 
-def check_launchable(tensor: torch.Tensor, kernel, module: str) -> None:
-    """CPU tensors need ``kernel`` *and* triton.language's own jit helpers built for the interpreter."""
-    if tensor.is_cuda:
-        return
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
+def lm_head_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss_weight: float, chunk_size: int, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, z) of the LM head over already-shifted, already-filtered rows.
 
-    if isinstance(kernel, InterpretedFunction) and isinstance(standard.zeros, InterpretedFunction):
-        return
-    raise RuntimeError(
-        f"{module}: got a {tensor.device} tensor, but Triton was imported for CUDA (TRITON_INTERPRET was not "
-        "set when triton.language or this module were first imported). Use CUDA tensors, or set "
-        "TRITON_INTERPRET=1 at process start (before torch or Triton are imported) to run the kernels in the "
-        "CPU interpreter (slow; for tests), or use model.fused_kernels=off."
-    )
+    hidden [N, H], weight [V, H], targets [N]; ce and the unweighted z are detached, for logging.
+    """
+    if use_fused_kernel(mode, hidden):
+        from arra_ds.kernels.lm_loss import fused_lm_loss  # imports Triton: only where the kernel runs
+
+        return fused_lm_loss(hidden, weight, targets, z_loss_weight, chunk_size)
+    return chunked_lm_loss(hidden, weight, targets, z_loss_weight, chunk_size)
+
+
+def projection_alignment_loss(
+    hidden: torch.Tensor,
+    sample_idx: torch.Tensor,
+    targets: torch.Tensor,
+    fc1: torch.nn.Linear,
+    fc2: torch.nn.Linear,
+    kind: LossKind,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean cosine) of the mlp projector fc2(gelu(fc1(h))) against one target per sample.
+
+    hidden [N, H], sample_idx [N], targets [B, D]. The Triton kernel never stores the [N, D]
+    projections; it takes D <= ALIGN_MAX_FEATURE_DIM (wider projectors run the torch code under auto).
+    """
+    if fc1.out_features <= ALIGN_MAX_FEATURE_DIM and use_fused_kernel(mode, hidden):
+        from arra_ds.kernels.align_loss import fused_projection_loss  # imports Triton: only where the kernel runs
+
+        return fused_projection_loss(hidden, sample_idx, targets, fc1.weight, fc1.bias, fc2.weight, fc2.bias, kind)
+    projected = fc2(torch.nn.functional.gelu(fc1(hidden)))  # [N, D]
+    return gva_loss(projected, sample_idx, targets, kind)

@@ -6,8 +6,8 @@
     loss =     mean_b mean_{n in b} mean_d (p_nd - t_bd)^2   (kind="mse")
 
 over the samples b that own at least one row; the mean cosine is returned too, for logging. This is
-``arra_ds.model.arra.AlignHead`` (mlp projector) followed by ``arra_ds.model.losses.gva_loss``;
-``reference_projection_loss`` below is exactly that torch code.
+``arra_ds.model.arra.AlignHead`` (mlp projector) followed by ``align_loss_torch.gva_loss``;
+``align_loss_torch.reference_projection_loss`` is exactly that torch code (re-exported here).
 
 Shapes: N aligned rows, H backbone width, D projector width, B samples.
 
@@ -38,21 +38,24 @@ covers both).
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import ALIGN_MAX_FEATURE_DIM, check_launchable
+from arra_ds.kernels.modes import ALIGN_MAX_FEATURE_DIM, check_launchable
+from arra_ds.kernels.align_loss_torch import LossKind, reference_projection_cosine_loss, reference_projection_loss
+
+__all__ = [
+    "fused_projection_loss", "fused_projection_cosine_loss", "ProjectionLossFunction",
+    "reference_projection_loss", "reference_projection_cosine_loss",
+]
 
 # Whether this module's kernels were decorated for the CPU interpreter (decided at import time).
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 NORM_EPS = 1e-12  # F.normalize's default eps
 FC1_BLOCK_H = 32  # fc1's reduction step over H: a [D, FC1_BLOCK_H] slice of W1 per pipeline stage
 FC2_BLOCK_J = 64  # fc2 output columns per step: a [FC2_BLOCK_J, D] slice of W2
-LossKind = Literal["cosine", "mse"]
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -391,23 +394,3 @@ def fused_projection_loss(
 def fused_projection_cosine_loss(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b) -> torch.Tensor:
     """1 - mean_b mean_{n in b} cos(W2 gelu(W1 h_n + b1) + b2, t_b): the loss of ``fused_projection_loss``."""
     return fused_projection_loss(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, "cosine")[0]
-
-
-def reference_projection_loss(
-    hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind: LossKind = "cosine"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure torch, autograd throughout: AlignHead's mlp projector followed by ``gva_loss``.
-
-    Computes in the dtype of its inputs; tests pass fp32 copies for the fp32-accumulation reference.
-    """
-    from arra_ds.model.losses import gva_loss
-
-    projected = F.linear(F.gelu(F.linear(hidden, fc1_w, fc1_b)), fc2_w, fc2_b)  # [N, D]
-    loss, cos = gva_loss(projected, sample_idx, target.detach(), kind)
-    if hidden.shape[0] == 0:
-        loss = loss + (fc1_w.sum() + fc1_b.sum() + fc2_w.sum() + fc2_b.sum()).float() * 0.0
-    return loss, cos
-
-
-def reference_projection_cosine_loss(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b) -> torch.Tensor:
-    return reference_projection_loss(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, "cosine")[0]

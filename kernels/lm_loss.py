@@ -3,7 +3,7 @@ cuBLAS matmuls, gradients computed during the forward pass.
 
     loss = mean_n CE(h_n W^T, y_n) + z_w * mean_n logsumexp(h_n W^T)^2      over the given rows
 
-Same contract as ``arra_ds.model.losses.chunked_lm_loss`` (rows already shifted and filtered, so N
+Same contract as ``lm_loss_torch.chunked_lm_loss`` (rows already shifted and filtered, so N
 is known without a host sync; returns (loss, ce, z) with ce and the *unweighted* z detached for
 logging). ``reference_lm_loss`` (full fp32 logits, what Lumina-mGPT does) is the pure-torch
 reference, re-exported here.
@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from arra_ds.model.losses import PrecomputedGradLinearLoss, accumulate_weight_grad, reference_lm_loss
-from kernels import check_launchable
+from arra_ds.kernels.modes import check_launchable
+from arra_ds.kernels.lm_loss_torch import PrecomputedGradLinearLoss, accumulate_weight_grad, reference_lm_loss
 
 __all__ = ["fused_lm_loss", "FusedLinearCrossEntropyFunction", "reference_lm_loss"]
 

@@ -9,24 +9,20 @@ The files carry the extractor name and weights hash; launch/eval.py refuses them
 (pass them as reference_stats={xrv: stats/mimic_test/xrv.npz}).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from arra_ds.cli import run_launcher  # noqa: E402
+from arra_ds.cli import launcher_parser, parse_args, run_launcher  # noqa: E402
 from arra_ds.config import load_dataclass_config  # noqa: E402
 from arra_ds.eval.reference import ReferenceStatsConfig, write_reference_stats  # noqa: E402
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="key=value fields of ReferenceStatsConfig")
-    args = parser.parse_args()
+def main(argv=None) -> int:
+    args = parse_args(launcher_parser(__doc__, ReferenceStatsConfig), argv)
     return run_launcher(
-        lambda: write_reference_stats(load_dataclass_config(ReferenceStatsConfig, None, args.overrides)),
-        bad_input=(FileNotFoundError, ValueError),  # ValueError includes ConfigError
+        lambda: write_reference_stats(load_dataclass_config(ReferenceStatsConfig, args.config, args.overrides))
     )
 
 

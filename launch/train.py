@@ -1,10 +1,12 @@
 """Train with ARRA on DeepSpeed.
 
     deepspeed launch/train.py --ds_config ds_configs/zero3.json [--config configs/X.yaml] [key=value ...]
+    torchrun --nproc_per_node=2 launch/train.py --ds_config ds_configs/zero3.json [key=value ...]
+    python launch/train.py --ds_config ds_configs/zero3.json     (one process, no launcher)
 
 Without --config the embedded default (configs/debug.yaml: tiny Chameleon, built-in demo data) runs.
-Exit codes: 0 done, 2 bad config/data/checkpoint, 3 non-finite loss, 75 preempted (checkpoint
-written; requeue and run again with train.resume=auto).
+Options and key=value overrides go in any order. Exit codes: 0 done, 2 bad config/data/checkpoint,
+3 non-finite loss, 75 preempted (checkpoint written; run again with train.resume=auto).
 """
 
 import argparse
@@ -13,31 +15,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from arra_ds.config import ConfigError, load_config  # noqa: E402
-from arra_ds.data.schema import SchemaError  # noqa: E402
-from arra_ds.train.checkpoint import CheckpointError  # noqa: E402
-from arra_ds.train.engine import DSConfigError  # noqa: E402
-from arra_ds.train.loop import NonFiniteLossError, run_training  # noqa: E402
+from arra_ds.cli import launcher_parser, parse_args, run_launcher  # noqa: E402
+from arra_ds.train.loop import run_training  # noqa: E402
 from arra_ds.train.preemption import REQUEUE_EXIT_CODE  # noqa: E402
+from arra_ds.train.run_config import RunConfig, load_run_config  # noqa: E402
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = launcher_parser(__doc__, RunConfig, config_help="run config YAML (default: configs/debug.yaml)")
     parser.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON (auto fields are filled)")
-    parser.add_argument("--config", default=None, help="run config YAML (default: configs/debug.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20 align.layer=2")
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = run_training(cfg, args.ds_config)
-    except (ConfigError, DSConfigError, SchemaError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
-    return REQUEUE_EXIT_CODE if summary["preempted"] else 0
+    args = parse_args(parser, argv)
+
+    def work() -> int:
+        summary = run_training(load_run_config(args.config, args.overrides), args.ds_config)
+        return REQUEUE_EXIT_CODE if summary["preempted"] else 0
+
+    return run_launcher(work)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared test setup: CPU by default, `gpu` tests skipped without CUDA, a private data cache."""
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -57,3 +58,10 @@ def launcher(name: str) -> str:
     """Path of a console script (deepspeed, torchrun) from the running interpreter's environment."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for --master_port of launcher subprocesses)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

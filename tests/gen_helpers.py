@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from arra_ds.model.backbone import DebugModelConfig, ModelConfig, load_backbone
-from arra_ds.model.vocab import build_debug_tokenizer
-from arra_ds.model.vqgan import VQGAN, VQGANConfig
+from arra_ds.tokens.vocab import build_debug_tokenizer
+from arra_ds.tokens.vqgan import VQGAN, VQGANConfig
 
 NUM_CODES = 64
 # f = 16 like Chameleon's VQGAN (5 levels), so a 64 x 64 image is 4 x 4 codes.
@@ -86,8 +86,8 @@ def write_mds(folder: Path, prompts=PROMPTS, code_size: int = 4, seed: int = 0) 
     from streaming import MDSWriter
 
     from arra_ds.data.schema import columns_for
-    from arra_ds.data.sequence import conversation_tokens, image_to_tokens
-    from arra_ds.model.vocab import build_debug_vocab
+    from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
+    from arra_ds.tokens.vocab import build_debug_vocab
 
     vocab = build_debug_vocab(num_image_codes=NUM_CODES)
     g = torch.Generator().manual_seed(seed)

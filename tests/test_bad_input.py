@@ -13,12 +13,12 @@ import pytest
 import torch
 from streaming import MDSWriter
 
-from arra_ds.config import load_config
-from arra_ds.data.loader import DataConfig, build_dataloader, build_dataset, prepare_data_dir
+from arra_ds.train.run_config import load_run_config
+from arra_ds.data.loader import DataConfig, build_dataloader, build_dataset, remove_stale_shared_memory
 from arra_ds.data.schema import SchemaError, columns_for
 from arra_ds.data.shards import ShardError
 from arra_ds.data.shm import streaming_shm_blocks
-from arra_ds.model.vocab import build_debug_vocab
+from arra_ds.tokens.vocab import build_debug_vocab
 from arra_ds.train.engine import DSConfigError, fill_ds_config, load_ds_config
 from conftest import REPO_ROOT, subprocess_env
 
@@ -92,11 +92,11 @@ def test_a_filler_batch_takes_the_normal_path_and_zeroed_adds_nothing():
     """The filler must run the same modules and produce gradients for the same parameters as any batch
     (ZeRO-3 lock-step); multiplied by zero, as the loop does, it leaves every gradient at zero."""
     from arra_ds.data.loader import Collator, SampleConverter
-    from arra_ds.data.sequence import conversation_tokens, image_to_tokens
+    from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
     from arra_ds.model.arra import build_model
 
-    cfg = load_config(None, ["align.feature_dim=4", "model.activation_checkpointing=false"])
-    model = build_model(cfg)
+    cfg = load_run_config(None, ["align.feature_dim=4", "model.activation_checkpointing=false"])
+    model = build_model(cfg.model, cfg.align)
     vocab = model.vocab
     codes = torch.arange(16).view(4, 4) % vocab.num_image_codes
     tokens, prompt_len = conversation_tokens([vocab.id("a"), vocab.id("red")], image_to_tokens(codes, vocab), vocab)
@@ -189,7 +189,7 @@ def test_stale_shared_memory_of_a_killed_run_is_removed_and_live_memory_kept(tmp
         blocks = streaming_shm_blocks()
         assert any(b.startswith(crashed_prefix + "_") for b in blocks)
 
-        prepare_data_dir(DataConfig(path=str(source)), seed=0)  # what every run does before building datasets
+        remove_stale_shared_memory()  # what every run does before building datasets
 
         blocks = streaming_shm_blocks()
         assert not any(b.startswith(crashed_prefix + "_") for b in blocks)
@@ -218,11 +218,11 @@ def _zero3():
     (lambda d: d.pop("optimizer"), r"no 'optimizer' section"),
 ])
 def test_a_ds_config_contradicting_the_run_config_is_refused(edit, message):
-    cfg = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=8"])
+    cfg = load_run_config(None, ["train.micro_batch_size=4", "train.global_batch_size=8"])
     ds = _zero3()
     edit(ds)
     with pytest.raises(DSConfigError, match=message):
-        fill_ds_config(ds, cfg, world_size=2, hidden_size=64)
+        fill_ds_config(ds, cfg.train, cfg.optim, world_size=2, hidden_size=64)
 
 
 def test_an_unreadable_ds_config_is_named(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from arra_ds import checkpoints
 from arra_ds.train import checkpoint as ckpt
 
 
@@ -36,12 +37,12 @@ def _save(root, step, keep_last=0, value=None):
 def test_save_commits_a_complete_directory_and_moves_latest(tmp_path):
     root = tmp_path / "checkpoints"
     path = _save(root, 2)
-    assert path == root / "step_00000002" and ckpt.read_latest(root) == "step_00000002"
-    manifest = ckpt.verify(path)
-    assert set(manifest["files"]) == {"model_states.pt", "rng_rank_00000.pt", ckpt.TRAINER_STATE}
+    assert path == root / "step_00000002" and checkpoints.read_latest(root) == "step_00000002"
+    manifest = checkpoints.verify(path)
+    assert set(manifest["files"]) == {"model_states.pt", "rng_rank_00000.pt", checkpoints.TRAINER_STATE}
     assert not list(root.glob("*.partial")) and not list(root.glob("*.tmp"))
     engine = FileWritingEngine()
-    state = ckpt.load_checkpoint(engine, ckpt.resolve_resume("auto", root))
+    state = ckpt.load_checkpoint(engine, checkpoints.resolve_resume("auto", root))
     assert engine.value == 2 and state.step == 2 and state.samples_seen == 16
 
 
@@ -49,11 +50,11 @@ def test_keep_last_deletes_the_oldest_by_commit_order(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8):
         _save(root, step, keep_last=2)
-    assert [p.name for p in ckpt.committed(root)] == ["step_00000006", "step_00000008"]
+    assert [p.name for p in checkpoints.committed(root)] == ["step_00000006", "step_00000008"]
     # a run resumed from step 6 saves step 7: the abandoned step 8 is the older commit now
     _save(root, 7, keep_last=2)
-    assert [p.name for p in ckpt.committed(root)] == ["step_00000008", "step_00000007"]
-    assert ckpt.read_latest(root) == "step_00000007"
+    assert [p.name for p in checkpoints.committed(root)] == ["step_00000008", "step_00000007"]
+    assert checkpoints.read_latest(root) == "step_00000007"
 
 
 def test_resaving_a_step_replaces_it_and_an_interrupted_replacement_is_undone(tmp_path):
@@ -67,28 +68,28 @@ def test_resaving_a_step_replaces_it_and_an_interrupted_replacement_is_undone(tm
     (root / "step_00000004").rename(root / "step_00000004.replaced")
     (root / "step_00000006.partial").mkdir()
     assert ckpt.clean_interrupted(root) == ["step_00000006.partial"]
-    assert ckpt.verify(ckpt.resolve_resume("auto", root))["step"] == 4
+    assert checkpoints.verify(checkpoints.resolve_resume("auto", root))["step"] == 4
 
 
 def test_latest_naming_a_missing_directory_is_explained(tmp_path):
     root = tmp_path / "checkpoints"
     _save(root, 2)
-    (root / ckpt.LATEST).write_text("step_00000009")
-    with pytest.raises(ckpt.CheckpointError, match=r"names 'step_00000009', but .* does not exist. Complete "
+    (root / checkpoints.LATEST).write_text("step_00000009")
+    with pytest.raises(checkpoints.CheckpointError, match=r"names 'step_00000009', but .* does not exist. Complete "
                        r"checkpoints: \['step_00000002'\]"):
-        ckpt.resolve_resume("auto", root)
-    assert ckpt.resolve_resume("", root) is None
-    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint directory"):
-        ckpt.resolve_resume(str(tmp_path / "nope"), root)
+        checkpoints.resolve_resume("auto", root)
+    assert checkpoints.resolve_resume("", root) is None
+    with pytest.raises(checkpoints.CheckpointError, match="no such checkpoint directory"):
+        checkpoints.resolve_resume(str(tmp_path / "nope"), root)
 
 
 def test_a_checkpoint_of_another_world_size_is_refused(tmp_path):
     root = tmp_path / "checkpoints"
     path = _save(root, 2)
-    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest = json.loads((path / checkpoints.MANIFEST).read_text())
     manifest["world_size"] = 4
-    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ckpt.CheckpointError, match="written by 4 ranks, this run has 1"):
+    (path / checkpoints.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(checkpoints.CheckpointError, match="written by 4 ranks, this run has 1"):
         ckpt.load_checkpoint(FileWritingEngine(), path)
 
 
@@ -108,5 +109,5 @@ def test_without_a_previous_checkpoint_the_estimate_comes_from_the_parameter_cou
     assert needed == 1000 * ckpt.BYTES_PER_PARAM_ESTIMATE and "1,000 parameters" in how
     usage = ckpt.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=needed - 1))
-    with pytest.raises(ckpt.CheckpointError, match=r"16,000 bytes, 1,000 parameters x 16 bytes"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"16,000 bytes, 1,000 parameters x 16 bytes"):
         ckpt.ensure_disk_space(root, num_params=1000)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from streaming import MDSWriter
 
-from arra_ds.data.demo import DemoDataConfig, write_demo_dataset
+from arra_ds.demo.config import DemoDataConfig
+from arra_ds.demo.dataset import write_demo_dataset
 from arra_ds.data.loader import DataConfig, build_dataloader, build_dataset, feature_dim_of
 from arra_ds.data.schema import SchemaError, check_columns, columns_for
-from arra_ds.model.losses import IGNORE_INDEX
-from arra_ds.model.vocab import build_debug_vocab
+from arra_ds.tokens.layout import IGNORE_INDEX
+from arra_ds.tokens.vocab import build_debug_vocab
 
 
 @pytest.fixture(scope="module")

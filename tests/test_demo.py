@@ -6,22 +6,15 @@ import torch
 from PIL import Image
 from streaming import StreamingDataset
 
-from arra_ds.config import ConfigError, load_config
-from arra_ds.data.demo import (
-    BACKGROUNDS,
-    MAX_CAPTION_WORDS,
-    DemoDataConfig,
-    check_captions_in_vocabulary,
-    demo_dir,
-    draw_scene,
-    load_demo_vqgan,
-    random_scene,
-    write_demo_dataset,
-)
+from arra_ds.errors import ConfigError
+from arra_ds.train.run_config import load_run_config
+from arra_ds.demo.config import DemoDataConfig
+from arra_ds.demo.dataset import check_captions_in_vocabulary, demo_dir, load_demo_vqgan, write_demo_dataset
+from arra_ds.demo.scenes import BACKGROUNDS, MAX_CAPTION_WORDS, draw_scene, random_scene
 from arra_ds.data.images import pil_to_pixels
 from arra_ds.data.schema import check_columns
-from arra_ds.data.sequence import tokens_to_image
-from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
+from arra_ds.tokens.layout import tokens_to_image
+from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
 
 SMALL = DemoDataConfig(num_samples=48, code_size=8, feature_dim=8, num_image_codes=64, samples_per_shard=16)
 
@@ -85,13 +78,13 @@ def test_demo_is_cached(small_demo):
 
 
 def test_run_config_cross_checks():
-    assert load_config().data.demo.num_image_codes == load_config().model.debug.num_image_codes
+    assert load_run_config().demo.num_image_codes == load_run_config().model.debug.num_image_codes
     with pytest.raises(ConfigError, match="model.debug.num_image_codes=128"):
-        load_config(None, ["model.debug.num_image_codes=128"])
+        load_run_config(None, ["model.debug.num_image_codes=128"])
     with pytest.raises(ConfigError, match="set align.encoder=demo"):
-        load_config(None, ["align.encoder=biomedclip"])
+        load_run_config(None, ["align.encoder=biomedclip"])
     with pytest.raises(ConfigError, match="longest demo sample"):
-        load_config(None, ["data.max_seq_len=64"])
+        load_run_config(None, ["data.max_seq_len=64"])
     with pytest.raises(ConfigError, match="code_size=5 must be even"):
-        load_config(None, ["data.demo.code_size=5"])
-    load_config(None, ["align.weight=0", "align.encoder=none"])  # no alignment: the encoder is not used
+        load_run_config(None, ["demo.code_size=5"])
+    load_run_config(None, ["align.weight=0", "align.encoder=none"])  # no alignment: the encoder is not used

@@ -11,7 +11,7 @@ import torch
 
 from arra_ds.config import from_dict
 from arra_ds.eval.runner import EvalConfig, run_eval
-from conftest import REPO_ROOT, launcher, subprocess_env
+from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 from gen_helpers import PROMPTS, save_backbone_dir, save_vqgan, write_prompt_json
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def setup(tmp_path_factory):
 def torchrun_reports(setup):
     """The same evaluation with 1 and with 2 ranks, both under torchrun (same environment, run side by side)."""
     runs = {}
-    for nproc, port in ((1, 29641), (2, 29642)):
+    for nproc, port in ((1, free_port()), (2, free_port())):
         out = setup["root"] / f"ranks_{nproc}"
         cmd = [launcher("torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}",
                str(REPO_ROOT / "launch" / "eval.py"), *eval_overrides(setup, out)]
@@ -122,7 +122,7 @@ def test_resumed_eval_generates_only_missing_images(setup, torchrun_reports):
 
 
 def test_bad_config_is_refused(setup, tmp_path):
-    from arra_ds.config import ConfigError
+    from arra_ds.errors import ConfigError
 
     with pytest.raises(ConfigError, match="vqgan_config"):
         run_eval(config_from([f"model={setup['model']}", f"prompts={setup['prompts']}"]))

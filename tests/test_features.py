@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import SamModel
 
-from arra_ds.config import ConfigError
+from arra_ds.errors import ConfigError
 from arra_ds.data.features import (
     EncoderError,
     EncoderSpec,

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from arra_ds.data.sequence import tokens_to_image
-from arra_ds.generate import ImageLayout, ImageSampler, SamplingConfig
+from arra_ds.tokens.layout import tokens_to_image
+from arra_ds.generate.sampler import ImageSampler
+from arra_ds.generate.sampling import SamplingConfig
+from arra_ds.tokens.layout import ImageGrid
 from arra_ds.generate.sampling import (
     classifier_free_guidance,
     draw_uniforms,
@@ -34,7 +36,7 @@ PROMPTS = ["a red circle", "two blue squares at the top left", "green"]
 def reference_generate(backbone, vocab, cfg: SamplingConfig, prompt_ids, seed):
     """One sample, no KV cache, no batching, unconditional branch as a separate model call, and
     Lumina-mGPT's guidance formula uncond + g * (cond - uncond)."""
-    layout = ImageLayout.for_pixels(cfg.height, cfg.width)
+    layout = ImageGrid.for_pixels(cfg.height, cfg.width)
     cond = [vocab.bos_id, *prompt_ids, vocab.end_of_turn_id, *layout.prefix(vocab)]
     uncond = list(layout.prefix(vocab))
     generator = sample_generators([seed])
@@ -192,7 +194,7 @@ def test_sample_top_k_draws():
 
 
 def test_sampling_config_errors():
-    from arra_ds.config import ConfigError
+    from arra_ds.errors import ConfigError
 
     with pytest.raises(ConfigError, match="multiple of 32"):
         SamplingConfig(height=500).validate()

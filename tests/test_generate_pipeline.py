@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from arra_ds.data.sequence import image_to_tokens
+from arra_ds.tokens.layout import image_to_tokens
 from arra_ds.eval.fid import load_stats
-from arra_ds.generate import SamplingConfig
+from arra_ds.generate.sampling import SamplingConfig
 from arra_ds.generate.loading import ModelLoadError, load_for_generation, load_vocab
 from arra_ds.generate.pipeline import GenerateConfig, run_generate
 from arra_ds.generate.prompts import load_prompts
-from arra_ds.model.vocab import build_debug_vocab
+from arra_ds.tokens.vocab import build_debug_vocab
 from conftest import REPO_ROOT
 from gen_helpers import NUM_CODES, PROMPTS, save_backbone_dir, save_vqgan, write_mds, write_prompt_json
 
@@ -74,7 +74,7 @@ def test_model_loading_errors(tmp_path, assets):
     with pytest.raises(ModelLoadError, match="neither"):
         load_vocab(tmp_path)
     other = build_debug_vocab(num_image_codes=NUM_CODES + 8)  # a tokenizer with other ids
-    from arra_ds.model.vocab import build_debug_tokenizer
+    from arra_ds.tokens.vocab import build_debug_tokenizer
 
     build_debug_tokenizer(num_image_codes=NUM_CODES + 8).save(str(tmp_path / "other.json"))
     assert other.image_start_id != load_vocab(assets["model"]).image_start_id

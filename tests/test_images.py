@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from arra_ds.config import ConfigError
+from arra_ds.errors import ConfigError
 from arra_ds.data.images import (
     ImagePreprocessConfig,
     VQImagePreprocessor,

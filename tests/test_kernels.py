@@ -20,14 +20,16 @@ from unittest import mock
 import pytest
 import torch
 
-from arra_ds.config import ConfigError, RunConfig, load_config
+from arra_ds.errors import ConfigError
+from arra_ds.train.run_config import load_run_config, RunConfig
 from arra_ds.data.loader import Collator
-from arra_ds.data.sequence import conversation_tokens, image_to_tokens
+from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
 from arra_ds.model.arra import AlignConfig, AlignHead, build_model
 from arra_ds.model.backbone import DebugModelConfig, LMHeadWithLoss, ModelConfig
-from arra_ds.model.losses import IGNORE_INDEX, chunked_lm_loss, reference_lm_loss
-from arra_ds.model.vocab import build_debug_tokenizer
-from kernels import ALIGN_MAX_FEATURE_DIM, check_launchable, triton_interpreter_enabled, use_fused_kernel
+from arra_ds.tokens.layout import IGNORE_INDEX
+from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
+from arra_ds.tokens.vocab import build_debug_tokenizer
+from arra_ds.kernels import ALIGN_MAX_FEATURE_DIM, check_launchable, triton_interpreter_enabled, use_fused_kernel
 
 GRAD_REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 LOSS_REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -85,7 +87,7 @@ def _fp32_copies(inputs):
 
 
 def _check_align_against_reference(inputs, kind, dtype, upstream=1.0):
-    from kernels.align_loss import fused_projection_loss, reference_projection_loss
+    from arra_ds.kernels.align_loss import fused_projection_loss, reference_projection_loss
 
     loss, cos = fused_projection_loss(**inputs, kind=kind)
     grads = torch.autograd.grad(upstream * loss, [inputs[k] for k in GRAD_NAMES])
@@ -135,7 +137,7 @@ def test_align_kernel_scales_with_upstream_gradient_and_leaves_target_alone(devi
 
 def test_align_kernel_projection_below_norm_eps(device):
     """p = 0 (fc2 zeroed): F.normalize's clamp branch, where only the tangential term is left."""
-    from kernels.align_loss import fused_projection_loss, reference_projection_loss
+    from arra_ds.kernels.align_loss import fused_projection_loss, reference_projection_loss
 
     inputs = _align_inputs(9, 24, 16, 2, torch.float32, device)
     with torch.no_grad():
@@ -151,7 +153,7 @@ def test_align_kernel_projection_below_norm_eps(device):
 
 
 def test_align_kernel_without_rows_is_a_connected_zero(device):
-    from kernels.align_loss import fused_projection_cosine_loss
+    from arra_ds.kernels.align_loss import fused_projection_cosine_loss
 
     inputs = _align_inputs(0, 24, 16, 2, torch.float32, device)
     loss = fused_projection_cosine_loss(**inputs)
@@ -162,7 +164,7 @@ def test_align_kernel_without_rows_is_a_connected_zero(device):
 
 
 def test_align_kernel_rejects_bad_inputs(device):
-    from kernels.align_loss import fused_projection_loss
+    from arra_ds.kernels.align_loss import fused_projection_loss
 
     inputs = _align_inputs(7, 24, 16, 2, torch.float32, device)
     with pytest.raises(ValueError, match="sample_idx holds indices >= the number of targets"):
@@ -204,7 +206,7 @@ LM_CASES = [(1, 24, 101, 2048, 1e-2), (37, 24, 101, 16, 0.0), (130, 72, 300, 64,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", LM_CASES, ids=lambda c: "N{}-H{}-V{}-chunk{}-z{}".format(*c))
 def test_lm_kernel_matches_reference(device, case, dtype):
-    from kernels.lm_loss import fused_lm_loss
+    from arra_ds.kernels.lm_loss import fused_lm_loss
 
     n, h, v, chunk, z_weight = case
     hidden, weight, targets = _lm_inputs(n, h, v, dtype, device)
@@ -222,7 +224,7 @@ def test_lm_kernel_matches_reference(device, case, dtype):
 
 
 def test_lm_kernel_agrees_with_torch_chunked_version(device):
-    from kernels.lm_loss import fused_lm_loss
+    from arra_ds.kernels.lm_loss import fused_lm_loss
 
     hidden, weight, targets = _lm_inputs(130, 72, 300, torch.float32, device, seed=2)
     fused = fused_lm_loss(hidden, weight, targets, 1e-3, 50)
@@ -236,7 +238,7 @@ def test_lm_kernel_agrees_with_torch_chunked_version(device):
 
 
 def test_lm_kernel_upstream_gradient_and_frozen_weight(device):
-    from kernels.lm_loss import fused_lm_loss
+    from arra_ds.kernels.lm_loss import fused_lm_loss
 
     hidden, weight, targets = _lm_inputs(37, 24, 101, torch.float32, device, seed=3)
     weight.requires_grad_(False)
@@ -248,7 +250,7 @@ def test_lm_kernel_upstream_gradient_and_frozen_weight(device):
 
 
 def test_lm_kernel_without_rows_is_a_connected_zero(device):
-    from kernels.lm_loss import fused_lm_loss
+    from arra_ds.kernels.lm_loss import fused_lm_loss
 
     hidden, weight, targets = _lm_inputs(0, 24, 101, torch.float32, device)
     loss, ce, z = fused_lm_loss(hidden, weight, targets, 1e-2)
@@ -304,7 +306,7 @@ def test_fused_kernels_on_needs_cuda_or_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("mode", ["on", "off", "auto"])
 def test_fused_kernels_override_keeps_its_yaml_spelling(mode):
     # YAML 1.1 reads a bare on/off as a boolean; the Literal field must still get the string
-    assert load_config(None, [f"model.fused_kernels={mode}"]).model.fused_kernels == mode
+    assert load_run_config(None, [f"model.fused_kernels={mode}"]).model.fused_kernels == mode
 
 
 def test_fused_kernel_mode_resolution():
@@ -408,20 +410,19 @@ def _tiny_batches(vocab, feature_dim, device):
 
 def _train_curve(fused_kernels, device):
     """Per step [loss, loss_ar, loss_gva, loss_z, cos], and how often each kernel ran."""
-    import kernels.align_loss
-    import kernels.lm_loss
+    from arra_ds.kernels import align_loss, lm_loss
 
     feature_dim = 24
     cfg = _tiny_run_config(fused_kernels, feature_dim)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg.model, cfg.align).to(device)
     batches = _tiny_batches(model.vocab, feature_dim, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     curve = []
-    align_loss_fn, lm_loss_fn = kernels.align_loss.fused_projection_loss, kernels.lm_loss.fused_lm_loss
+    align_loss_fn, lm_loss_fn = align_loss.fused_projection_loss, lm_loss.fused_lm_loss
     with (
-        mock.patch.object(kernels.align_loss, "fused_projection_loss", wraps=align_loss_fn) as align_spy,
-        mock.patch.object(kernels.lm_loss, "fused_lm_loss", wraps=lm_loss_fn) as lm_spy,
+        mock.patch.object(align_loss, "fused_projection_loss", wraps=align_loss_fn) as align_spy,
+        mock.patch.object(lm_loss, "fused_lm_loss", wraps=lm_loss_fn) as lm_spy,
     ):
         for step in range(TRAIN_STEPS):
             out = model(batches[step % 2])

@@ -7,12 +7,11 @@ subprocesses inherit).
 """
 
 import json
-import socket
 import subprocess
 
 import pytest
 
-from conftest import REPO_ROOT, launcher, subprocess_env
+from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -20,17 +19,12 @@ STEPS = 3
 METRICS = ("loss", "loss_ar", "loss_gva", "loss_z", "cos", "grad_norm")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(run_dir, fused_kernels: str) -> list[dict]:
     cmd = [
-        launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
         "launch/train.py", "--ds_config", "ds_configs/zero3.json", f"output_dir={run_dir}",
-        "train.progress_bar=false", "train.log_every=1", "data.demo.num_samples=16", "train.micro_batch_size=2",
+        "train.progress_bar=false", "train.log_every=1", "demo.num_samples=16", "train.micro_batch_size=2",
         f"train.max_steps={STEPS}", "train.save_every=100", "optim.warmup_steps=1", f"model.fused_kernels={fused_kernels}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)

@@ -7,16 +7,20 @@ import torch
 import torch.nn.functional as F
 from transformers import ChameleonForConditionalGeneration
 
-from arra_ds.config import load_config
+from arra_ds.train.run_config import load_run_config
 from arra_ds.data.loader import Collator, SampleConverter
-from arra_ds.data.sequence import conversation_tokens, image_to_tokens
+from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
 from arra_ds.model.arra import build_model
 from arra_ds.model.backbone import ModelConfig, debug_chameleon_config, load_backbone
-from arra_ds.model.losses import IGNORE_INDEX
+from arra_ds.tokens.layout import IGNORE_INDEX
+
+
+def _sections(cfg):
+    return cfg.model, cfg.align
 
 
 def _cfg(*overrides):
-    cfg = load_config(None, ["align.feature_dim=12", *overrides])
+    cfg = load_run_config(None, ["align.feature_dim=12", *overrides])
     return cfg
 
 
@@ -58,7 +62,7 @@ def _naive_loss(model, batch, cfg):
 def test_arra_loss_equals_naive_full_logits_computation(layer):
     torch.manual_seed(0)
     cfg = _cfg(f"align.layer={layer}", "model.z_loss_weight=1e-2", "align.weight=0.7", "model.lm_loss_chunk_size=7")
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.align)
     batch = _batch(model.vocab)
     out = model(batch)
     loss, ce, gva, z = _naive_loss(model, batch, cfg)
@@ -80,7 +84,7 @@ def test_arra_loss_equals_naive_full_logits_computation(layer):
 def test_captured_layer_is_hf_hidden_states_index():
     torch.manual_seed(0)
     for layer in (1, 2, 4):
-        model = build_model(_cfg(f"align.layer={layer}"))
+        model = build_model(*_sections(_cfg(f"align.layer={layer}")))
         batch = _batch(model.vocab)
         model._capturing = True
         out = model.backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -91,7 +95,7 @@ def test_captured_layer_is_hf_hidden_states_index():
 
 def test_image_logits_are_not_masked():
     torch.manual_seed(0)
-    model = build_model(_cfg())
+    model = build_model(*_sections(_cfg()))
     batch = _batch(model.vocab)
     hf_logits = ChameleonForConditionalGeneration.forward(model.backbone, input_ids=batch["input_ids"]).logits
     assert torch.all(hf_logits[..., model.vocab.image_token_ids] == torch.finfo(hf_logits.dtype).min), "HF masks"
@@ -105,7 +109,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = build_model(_cfg(f"model.activation_checkpointing={str(ckpt).lower()}"))
+        model = build_model(*_sections(_cfg(f"model.activation_checkpointing={str(ckpt).lower()}")))
         model.train()
         out = model(_batch(model.vocab))
         out.loss.backward()
@@ -116,14 +120,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_ar_only_model_has_no_projector():
-    model = build_model(_cfg("align.weight=0"))
+    model = build_model(*_sections(_cfg("align.weight=0")))
     assert model.align_head is None
     out = model(_batch(model.vocab))
     assert out.loss_gva.item() == 0.0 and out.num_aligned == 0
 
 
 def test_maxpool_projector_has_no_parameters_and_trains_the_backbone():
-    model = build_model(_cfg("align.projector=maxpool"))
+    model = build_model(*_sections(_cfg("align.projector=maxpool")))
     assert sum(p.numel() for p in model.align_head.parameters()) == 0
     out = model(_batch(model.vocab))
     out.loss.backward()
@@ -131,7 +135,7 @@ def test_maxpool_projector_has_no_parameters_and_trains_the_backbone():
 
 
 def test_feature_width_mismatch_at_forward_is_explained():
-    model = build_model(_cfg())
+    model = build_model(*_sections(_cfg()))
     batch = _batch(model.vocab, feature_dim=5)
     with pytest.raises(ValueError, match="width 5 but the projector was built for D=12"):
         model(batch)

@@ -10,14 +10,15 @@ import torch
 from PIL import Image
 from streaming import StreamingDataset
 
-from arra_ds.config import ConfigError
+from arra_ds.errors import ConfigError
 from arra_ds.data.features import EncoderSpec, build_tiny_open_clip_dir, build_tiny_sam_dir
 from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor
-from arra_ds.data.pretokenize import PartWriter, PretokenizeConfig, PretokenizeError, run_pretokenize
+from arra_ds.data.pretokenize import PretokenizeConfig, PretokenizeError, run_pretokenize
+from arra_ds.data.pretokenize.writer import PartWriter
 from arra_ds.data.schema import check_columns
-from arra_ds.data.sequence import IMAGE_PLACEHOLDER, tokens_to_image
-from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
-from arra_ds.model.vqgan import VQGAN, VQGANConfig, fit_codebook
+from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, tokens_to_image
+from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
+from arra_ds.tokens.vqgan import VQGAN, VQGANConfig, fit_codebook
 from tests.conftest import REPO_ROOT, subprocess_env
 
 NUM_CODES = 64
@@ -191,11 +192,11 @@ def test_interrupted_run_resumes(assets, reference_run, tmp_path, monkeypatch):
 def test_cli(assets, tmp_path):
     root = assets["root"]
     command = [
-        sys.executable, str(REPO_ROOT / "launch" / "pretokenize.py"), "--input", str(root / "data.json"),
-        "--out-dir", str(tmp_path / "cli"), "--tokenizer", str(root / "text_tokenizer.json"),
-        "--vqgan-yaml", str(root / "vqgan.yaml"), "--vqgan-ckpt", str(root / "vqgan.ckpt"),
-        "--encoder", f"biomedclip={assets['clip']}", "--encoder", f"medsam={assets['sam']}",
-        "--target-size", "64", "--min-image-size", "32", "--num-workers", "1", "--no-progress",
+        sys.executable, str(REPO_ROOT / "launch" / "pretokenize.py"), f"input={root / 'data.json'}",
+        f"out_dir={tmp_path / 'cli'}", f"tokenizer={root / 'text_tokenizer.json'}",
+        f"vqgan_yaml={root / 'vqgan.yaml'}", f"vqgan_ckpt={root / 'vqgan.ckpt'}",
+        f"encoders=[biomedclip={assets['clip']},medsam={assets['sam']}]",
+        "image.target_size=64", "min_image_size=32", "num_workers=1", "progress=false",
     ]
     done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

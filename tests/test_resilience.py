@@ -24,17 +24,18 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import yaml
 from streaming import MDSWriter
 
-from arra_ds.data.demo import DEMO_ENCODER, DemoDataConfig
+from arra_ds.demo.config import DEMO_ENCODER, DemoDataConfig
 from arra_ds.data.schema import columns_for
-from arra_ds.data.sequence import conversation_tokens, image_to_tokens
-from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
+from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
+from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
+from arra_ds import checkpoints
 from arra_ds.train import checkpoint as ckpt
 from arra_ds.train.preemption import REQUEUE_EXIT_CODE
 from arra_ds.train.sample_log import read_sample_logs
-from conftest import REPO_ROOT, launcher, subprocess_env
-from test_train_deepspeed import _free_port
+from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +80,7 @@ def _write_data(out):
 
 def _command(run_dir, data_dir, *extra):
     return [
-        launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
         "launch/train.py", "--ds_config", "ds_configs/zero3.json", f"output_dir={run_dir}", f"data.path={data_dir}",
         f"data.max_seq_len={MAX_SEQ_LEN}", "data.overlong=skip", "train.micro_batch_size=4",
         f"train.max_steps={MAX_STEPS}", "train.save_every=2", "train.keep_last=2", "train.log_every=1",
@@ -135,7 +136,7 @@ def interrupted(data, tmp_path_factory):
     crashed = _run(_command(run_dir, data[0]), env=subprocess_env(**{ckpt.KILL_DURING_SAVE_ENV: "6"}))
     seen["crashed_rc"] = crashed.returncode
     seen["crashed_listing"] = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    seen["crashed_latest"] = ckpt.read_latest(run_dir / "checkpoints")
+    seen["crashed_latest"] = checkpoints.read_latest(run_dir / "checkpoints")
 
     log_path = run_dir.parent / "preempted.log"
     with open(log_path, "w") as log:
@@ -153,7 +154,7 @@ def interrupted(data, tmp_path_factory):
     seen["preempted_rc"] = proc.returncode
     seen["preempted_log"] = log_path.read_text()
     seen["preempted_summary"] = json.loads((run_dir / "summary.json").read_text())
-    seen["preempted_latest"] = ckpt.read_latest(run_dir / "checkpoints")
+    seen["preempted_latest"] = checkpoints.read_latest(run_dir / "checkpoints")
     seen["preempted_steps"] = _logged_steps(run_dir / "metrics.jsonl")
 
     finished = _run(_command(run_dir, data[0], "train.resume=auto"))
@@ -219,7 +220,7 @@ def test_sigterm_on_one_rank_checkpoints_at_the_next_step_and_exits_for_requeue(
     assert summary["preempted"] is True and summary["resumed_from_step"] == 4
     stop = summary["steps"]
     assert 5 <= stop < MAX_STEPS  # the first step boundary after the signal
-    assert seen["preempted_latest"] == ckpt.tag_for(stop)  # the checkpoint is of the last step done
+    assert seen["preempted_latest"] == checkpoints.tag_for(stop)  # the checkpoint is of the last step done
     assert seen["preempted_steps"][-1] == stop
     assert seen["preempted_log"].count("received SIGTERM") == 1  # only rank 1 got it ...
     assert "preempted by a signal on another rank" in seen["preempted_log"]  # ... and rank 0 followed
@@ -253,14 +254,14 @@ def test_every_sample_is_seen_exactly_once_per_epoch_across_the_interruptions(re
 def test_checkpoints_are_complete_and_only_the_last_k_are_kept(interrupted):
     run_dir, _ = interrupted
     root = run_dir / "checkpoints"
-    assert [p.name for p in ckpt.committed(root)] == ["step_00000008", "step_00000010"]
-    assert ckpt.read_latest(root) == "step_00000010"
+    assert [p.name for p in checkpoints.committed(root)] == ["step_00000008", "step_00000010"]
+    assert checkpoints.read_latest(root) == "step_00000010"
     assert not list(root.glob("*.partial"))
-    manifest = ckpt.verify(root / "step_00000010")
+    manifest = checkpoints.verify(root / "step_00000010")
     assert manifest["world_size"] == 2
-    assert {"rng_rank_00000.pt", "rng_rank_00001.pt", ckpt.TRAINER_STATE} <= set(manifest["files"])
+    assert {"rng_rank_00000.pt", "rng_rank_00001.pt", checkpoints.TRAINER_STATE} <= set(manifest["files"])
     assert sum("optim_states" in name for name in manifest["files"]) == 2  # one ZeRO-3 partition per rank
-    state = json.loads((root / "step_00000010" / ckpt.TRAINER_STATE).read_text())
+    state = json.loads((root / "step_00000010" / checkpoints.TRAINER_STATE).read_text())
     assert state["step"] == MAX_STEPS and state["loader"]["sample_in_epoch"] > 0
     rng = torch.load(root / "step_00000010" / "rng_rank_00001.pt", weights_only=True)
     assert rng["torch"].dtype == torch.uint8
@@ -272,9 +273,9 @@ def test_checkpoints_are_complete_and_only_the_last_k_are_kept(interrupted):
 def _copy_latest(run_dir, tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()
-    tag = ckpt.read_latest(run_dir / "checkpoints")
+    tag = checkpoints.read_latest(run_dir / "checkpoints")
     shutil.copytree(run_dir / "checkpoints" / tag, root / tag)
-    (root / ckpt.LATEST).write_text(tag)
+    (root / checkpoints.LATEST).write_text(tag)
     return root / tag
 
 
@@ -282,12 +283,12 @@ def test_a_truncated_checkpoint_file_is_named(reference, tmp_path):
     copy = _copy_latest(reference, tmp_path)
     victim = copy / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:100])
-    with pytest.raises(ckpt.CheckpointError, match=f"{victim} is 100 bytes, but .* bytes were written"):
-        ckpt.verify(ckpt.resolve_resume("auto", copy.parent))
+    with pytest.raises(checkpoints.CheckpointError, match=f"{victim} is 100 bytes, but .* bytes were written"):
+        checkpoints.verify(checkpoints.resolve_resume("auto", copy.parent))
 
 
 def test_a_corrupt_checkpoint_file_of_the_right_size_is_named(reference, tmp_path):
-    from arra_ds.train.checkpoint_io import consolidated_state_dict, resolve_checkpoint
+    from arra_ds.checkpoints import consolidated_state_dict, resolve_checkpoint
 
     copy = _copy_latest(reference, tmp_path)
     victim = copy / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -295,28 +296,28 @@ def test_a_corrupt_checkpoint_file_of_the_right_size_is_named(reference, tmp_pat
     data[len(data) // 3 : len(data) // 3 + 256] = b"\xff" * 256
     victim.write_bytes(bytes(data))
     ref = resolve_checkpoint(copy)  # sizes still match the manifest
-    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint file {victim} is corrupt: its member .* fails the CRC"):
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint file {victim} is corrupt: its member .* fails the CRC"):
         consolidated_state_dict(ref)  # torch.load alone would read the damaged tensor without complaint
     # at resume each of the 2 ranks checks every 2nd torch file (sorted): the victim is rank 1's
-    ckpt.check_contents(copy, ckpt.verify(copy), rank=0, world=2)
-    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint file {victim} is corrupt"):
-        ckpt.check_contents(copy, ckpt.verify(copy), rank=1, world=2)
+    checkpoints.check_contents(copy, checkpoints.verify(copy), rank=0, world=2)
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint file {victim} is corrupt"):
+        checkpoints.check_contents(copy, checkpoints.verify(copy), rank=1, world=2)
 
 
 def test_a_checkpoint_without_manifest_is_refused(reference, tmp_path):
     copy = _copy_latest(reference, tmp_path)
-    (copy / ckpt.MANIFEST).unlink()
-    with pytest.raises(ckpt.CheckpointError, match="not a complete arra_ds checkpoint: manifest.json is missing"):
-        ckpt.verify(copy)
+    (copy / checkpoints.MANIFEST).unlink()
+    with pytest.raises(checkpoints.CheckpointError, match="not a complete arra_ds checkpoint: manifest.json is missing"):
+        checkpoints.verify(copy)
 
 
 def test_a_full_disk_refuses_with_the_numbers(reference, monkeypatch):
     root = reference / "checkpoints"
-    last = ckpt.committed(root)[-1]
-    size = sum(ckpt.read_manifest(last)["files"].values())
+    last = checkpoints.committed(root)[-1]
+    size = sum(checkpoints.read_manifest(last)["files"].values())
     usage = shutil.disk_usage(root)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=size - 1))
-    with pytest.raises(ckpt.CheckpointError, match=rf"needs about .* \({size:,} bytes, the size of the last checkpoint "
+    with pytest.raises(checkpoints.CheckpointError, match=rf"needs about .* \({size:,} bytes, the size of the last checkpoint "
                        rf"{last.name}\); rank 0 sees .* \({size - 1:,} bytes\) free"):
         ckpt.ensure_disk_space(root, num_params=1)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=size))
@@ -329,9 +330,9 @@ def test_a_full_disk_refuses_with_the_numbers(reference, monkeypatch):
 def test_export_loads_in_stock_transformers_with_the_trained_logits(reference, tmp_path):
     from transformers import ChameleonForConditionalGeneration
 
-    from arra_ds.config import load_config
+    from arra_ds.checkpoints import consolidated_state_dict, resolve_checkpoint
     from arra_ds.model.arra import build_model
-    from arra_ds.train.checkpoint_io import consolidated_state_dict, resolve_checkpoint
+    from arra_ds.train.run_config import load_run_config
 
     out = tmp_path / "hf"
     proc = subprocess.run([launcher("python"), "launch/export_hf.py", str(reference), str(out), "--dtype", "fp32"],
@@ -346,8 +347,8 @@ def test_export_loads_in_stock_transformers_with_the_trained_logits(reference, t
     assert all(k.startswith("model.vqmodel.") for k in loading["missing_keys"])  # not trained, not exported
     assert "vocabulary_map" in json.loads((out / "config.json").read_text())
 
-    cfg = load_config(reference / "config.yaml")
-    trained = build_model(cfg)
+    cfg = load_run_config(reference / "config.yaml")
+    trained = build_model(cfg.model, cfg.align)
     trained.load_state_dict(consolidated_state_dict(resolve_checkpoint(reference)), strict=True)
     ids = torch.randint(0, exported.config.vocab_size, (2, 41), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -358,3 +359,17 @@ def test_export_loads_in_stock_transformers_with_the_trained_logits(reference, t
     text_ids = torch.ones(want.shape[-1], dtype=torch.bool)
     text_ids[trained.vocab.image_token_ids] = False
     assert torch.equal(masked[..., text_ids], want[..., text_ids])
+
+
+def test_export_reads_only_the_model_section(reference, tmp_path):
+    """A run copied to a machine without its training data still exports (data.path is not checked)."""
+    run = tmp_path / "copied_run"
+    shutil.copytree(reference, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["path"] = str(tmp_path / "not_mounted")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "hf"
+    proc = subprocess.run([launcher("python"), "launch/export_hf.py", str(run), str(out), "--dtype", "fp32"],
+                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "arra_export.json").read_text())["step"] == MAX_STEPS

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from arra_ds.train import checkpoint as ckpt
+from arra_ds import checkpoints
 from arra_ds.train.sample_log import read_sample_logs
 from conftest import REPO_ROOT, subprocess_env
 
@@ -84,7 +84,7 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
     env = _slurm_env(GPUS_PER_NODE=1, PYTHON=sys.executable, ARRA_DS_ROOT=REPO_ROOT, ARRA_DS_CACHE=work / "cache")
     submit = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", f"--output={work}/slurm-%j.out", "launch/slurm/train.sbatch",
-         f"output_dir={run_dir}", "data.demo.num_samples=48", "train.micro_batch_size=4", f"train.max_steps={MAX_STEPS}",
+         f"output_dir={run_dir}", "demo.num_samples=48", "train.micro_batch_size=4", f"train.max_steps={MAX_STEPS}",
          "train.save_every=4", "train.log_every=1", "train.log_samples=true", "train.progress_bar=false",
          "optim.warmup_steps=2"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
@@ -121,7 +121,7 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == MAX_STEPS and not summary["preempted"]
     assert 3 <= summary["resumed_from_step"] < MAX_STEPS
-    assert f"resumed from {run_dir / 'checkpoints' / ckpt.tag_for(summary['resumed_from_step'])}" in log
+    assert f"resumed from {run_dir / 'checkpoints' / checkpoints.tag_for(summary['resumed_from_step'])}" in log
 
     # the run reads like an uninterrupted one: every step logged once, every sample once per epoch
     assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))
@@ -130,6 +130,6 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
     first_epoch = [uid for lines in logs.values() for line in lines if line["step"] <= STEPS_PER_EPOCH
                    for uid in line["uids"]]
     assert len(first_epoch) == len(set(first_epoch)) == 48  # all 48 demo samples, none twice
-    assert ckpt.read_latest(run_dir / "checkpoints") == ckpt.tag_for(MAX_STEPS)
-    assert ckpt.verify(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS))["world_size"] == 2
+    assert checkpoints.read_latest(run_dir / "checkpoints") == checkpoints.tag_for(MAX_STEPS)
+    assert checkpoints.verify(run_dir / "checkpoints" / checkpoints.tag_for(MAX_STEPS))["world_size"] == 2
     shutil.rmtree(work, ignore_errors=True)

@@ -1,12 +1,11 @@
 """Real multi-rank DeepSpeed ZeRO-3 runs on CPU (gloo), launched exactly as the README does."""
 
 import json
-import socket
 import subprocess
 
 import pytest
 
-from conftest import REPO_ROOT, launcher, subprocess_env
+from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -14,22 +13,17 @@ pytestmark = pytest.mark.slow
 BASE = [
     "train.progress_bar=false",
     "train.log_every=1",
-    "data.demo.num_samples=128",
+    "demo.num_samples=128",
     "train.micro_batch_size=4",
     "optim.warmup_steps=2",
     "model.activation_checkpointing=true",
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_deepspeed(num_ranks: int, run_dir, *overrides, ds_config="ds_configs/zero3.json", check=True):
     cmd = [
-        launcher("deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(_free_port()),
+        launcher("deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
         "launch/train.py", "--ds_config", ds_config, f"output_dir={run_dir}", *BASE, *overrides,
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)

@@ -2,7 +2,6 @@
 train.eval_every steps, and the images equal what the saved checkpoint generates offline."""
 
 import json
-import socket
 import subprocess
 
 import numpy as np
@@ -10,23 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
-from arra_ds.config import ConfigError, load_config
-from arra_ds.data.demo import DemoDataConfig, demo_dir
-from arra_ds.generate import SamplingConfig
+from arra_ds.errors import ConfigError
+from arra_ds.train.run_config import load_run_config
+from arra_ds.demo.config import DemoDataConfig
+from arra_ds.demo.dataset import demo_dir
+from arra_ds.generate.sampling import SamplingConfig
 from arra_ds.generate.pipeline import GenerateConfig, run_generate
-from arra_ds.model.vqgan import VQGAN, VQGANConfig
-from conftest import REPO_ROOT, launcher, subprocess_env
+from arra_ds.tokens.vqgan import VQGAN, VQGANConfig
+from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 from gen_helpers import TINY_VQ
 
 pytestmark = pytest.mark.slow
 
 DEMO_CODES = DemoDataConfig().num_image_codes  # the debug model's image vocabulary
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +32,13 @@ def trained(tmp_path_factory):
     VQGAN(VQGANConfig(**{**TINY_VQ, "n_embed": DEMO_CODES})).save_original(root / "vqgan.yaml", root / "vqgan.ckpt")
     run = root / "run"
     overrides = [
-        f"output_dir={run}", "train.progress_bar=false", "train.log_every=1", "data.demo.num_samples=32",
+        f"output_dir={run}", "train.progress_bar=false", "train.log_every=1", "demo.num_samples=32",
         "train.micro_batch_size=4", "optim.warmup_steps=1", "train.max_steps=4", "train.save_every=2",
         "train.eval_every=2", f"eval.vqgan_config={root / 'vqgan.yaml'}", f"eval.vqgan_checkpoint={root / 'vqgan.ckpt'}",
         "eval.num_prompts=3", "eval.batch_size=2", "eval.extractor=xrv", "eval.extractor_weights=random",
         "eval.sampling.image_top_k=50", "eval.sampling.guidance_scale=3.0",
     ]
-    cmd = [launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "launch/train.py",
+    cmd = [launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
            "--ds_config", "ds_configs/zero3.json", *overrides]
     # (module fixtures run before the autouse private-cache fixture: give the demo data its own cache)
     env = subprocess_env(ARRA_DS_CACHE=root / "cache")
@@ -80,11 +76,11 @@ def test_checkpoint_generates_the_in_training_images(trained, tmp_path, monkeypa
     monkeypatch.setenv("ARRA_DS_CACHE", str(root / "cache"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the trainer's ranks (OMP_NUM_THREADS=1): the same float round-off
-    cfg = load_config(run / "config.yaml")
+    cfg = load_run_config(run / "config.yaml")
     sampling = SamplingConfig(image_top_k=50, guidance_scale=3.0, height=128, width=128)
     gen = GenerateConfig(
         model=str(run / "checkpoints" / "step_00000004"), vqgan_config=str(root / "vqgan.yaml"),
-        vqgan_checkpoint=str(root / "vqgan.ckpt"), prompts=str(demo_dir(cfg.data.demo, cfg.seed)), num_prompts=3,
+        vqgan_checkpoint=str(root / "vqgan.ckpt"), prompts=str(demo_dir(cfg.demo, cfg.seed)), num_prompts=3,
         batch_size=2, output_dir=str(tmp_path / "offline"), progress_bar=False, sampling=sampling, precision="fp32",
     )
     try:
@@ -98,4 +94,4 @@ def test_checkpoint_generates_the_in_training_images(trained, tmp_path, monkeypa
 
 def test_eval_every_needs_a_decoder(tmp_path):
     with pytest.raises(ConfigError, match="eval.vqgan_config"):
-        load_config(None, ["train.eval_every=10", f"output_dir={tmp_path}"])
+        load_run_config(None, ["train.eval_every=10", f"output_dir={tmp_path}"])

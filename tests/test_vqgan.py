@@ -10,8 +10,8 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
-from arra_ds.model.vocab import build_debug_tokenizer
-from arra_ds.model.vqgan import VQGAN, VQGANConfig, VQGANError, fit_codebook, hf_vq_state_dict
+from arra_ds.tokens.vocab import build_debug_tokenizer
+from arra_ds.tokens.vqgan import VQGAN, VQGANConfig, VQGANError, fit_codebook, hf_vq_state_dict
 
 # f = 16 like Chameleon (5 levels), attention at the 8x8 level of a 32-px reference resolution.
 TINY = dict(n_embed=64, embed_dim=8, z_channels=16, ch=32, ch_mult=(1, 1, 2, 1, 1), num_res_blocks=1,

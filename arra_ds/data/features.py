@@ -27,8 +27,13 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
+
+from arra_ds.data.schema import feature_column
+from arra_ds.errors import ConfigError, UserError
 
 Aggregation = Literal["cls", "avgpool", "concat"]
 AGGREGATIONS: tuple[str, ...] = ("cls", "avgpool", "concat")
@@ -37,7 +42,7 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin
 OPEN_CLIP_HF_PREFIX = "hf-hub:"
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError, ValueError):
     """An encoder that cannot be built: the message names the encoder, the path and the fix."""
 
 
@@ -54,13 +59,9 @@ class EncoderSpec:
 
     @property
     def column(self) -> str:
-        from arra_ds.data.schema import feature_column
-
         return feature_column(self.name)
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if not self.name or not self.name.replace("_", "").isalnum():
             raise ConfigError(f"encoder name {self.name!r} must be a plain name (letters, digits, _): it names feat_<name>")
         if self.kind not in LOADERS:
@@ -92,8 +93,6 @@ def parse_encoder_arg(text: str) -> EncoderSpec:
     A non-default aggregation gets its own column, e.g. ``biomedclip:avgpool`` -> feat_biomedclip_avgpool,
     so one data set can carry the Table 4 variants side by side.
     """
-    from arra_ds.config import ConfigError
-
     head, _, path = text.partition("=")
     preset_name, _, aggregation = head.partition(":")
     if preset_name not in PRESETS:
@@ -188,6 +187,7 @@ class OpenClipPreprocess:
     """open_clip's eval transform (resize, centre crop, normalise) built from its preprocess_cfg."""
 
     def __init__(self, preprocess_cfg: dict):
+        # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         self.preprocess_cfg = dict(preprocess_cfg)
@@ -213,14 +213,13 @@ class SamPreprocess:
 
 
 def _hf_cached_file(repo_id: str, filename: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
     found = try_to_load_from_cache(repo_id, filename)
     return found if isinstance(found, str) else None
 
 
 def _resolve_open_clip(spec: EncoderSpec) -> tuple[dict, dict, str]:
     """(model_cfg, preprocess_cfg, weights file) from a local dir/file or open_clip's HF cache."""
+    # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
     import open_clip
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
@@ -274,6 +273,7 @@ def _resolve_open_clip(spec: EncoderSpec) -> tuple[dict, dict, str]:
 
 def load_open_clip_encoder(spec: EncoderSpec) -> OpenClipImageEncoder:
     """Build only the image tower (no text tower, which for BiomedCLIP would need PubMedBERT's config)."""
+    # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
     from open_clip.factory import load_state_dict
     from open_clip.model import _build_vision_tower
 
@@ -293,6 +293,7 @@ def load_open_clip_encoder(spec: EncoderSpec) -> OpenClipImageEncoder:
 
 
 def load_sam_encoder(spec: EncoderSpec) -> SamImageEncoder:
+    # transformers' SAM pulls in its image processors: imported only where a SAM encoder is built
     from transformers import SamImageProcessor, SamModel
 
     if spec.path and not Path(spec.path).is_dir():
@@ -338,8 +339,8 @@ def build_tiny_open_clip_dir(out_dir: str | Path, seed: int = 0, image_size: int
     The image tower is open_clip's own ViT, or with ``timm_model_name`` a timm trunk + linear
     projection as in BiomedCLIP's config (timm_pool "", timm_proj "linear").
     """
+    # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
     import open_clip
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -364,6 +365,7 @@ def build_tiny_open_clip_dir(out_dir: str | Path, seed: int = 0, image_size: int
 
 def build_tiny_sam_dir(out_dir: str | Path, seed: int = 0, image_size: int = 64, channels: int = 16) -> Path:
     """A random transformers SamModel + SamImageProcessor (longest side and padding = image_size)."""
+    # transformers' SAM pulls in its image processors: imported only where a SAM encoder is built
     from transformers import SamConfig, SamImageProcessor, SamModel, SamVisionConfig
 
     out_dir = Path(out_dir)

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-GRID_CELL_PX = 32  # one Lumina-mGPT grid token counts 32 px (2 x 2 codes of the f=16 VQGAN)
+from arra_ds.errors import ConfigError
+from arra_ds.tokens.layout import GRID_CELL_PX
+
 PIXEL_MAX = 255.0
 
 
@@ -31,8 +33,6 @@ class ImagePreprocessConfig:
     max_aspect_ratio: float = 4.0  # longest / shortest side of the allowed crop sizes
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if self.target_size < GRID_CELL_PX or self.target_size % GRID_CELL_PX:
             raise ConfigError(
                 f"target_size={self.target_size} must be a positive multiple of {GRID_CELL_PX} "

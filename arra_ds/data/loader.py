@@ -1,6 +1,7 @@
 """Training data loader: MDS shards -> padded batches, with a resumable loader state.
 
-``StreamingDataset`` gives a deterministic global sample order that depends on the shuffle seed and
+The loader receives a resolved local directory or remote URL (``data.path=demo`` is resolved by the
+trainer, which builds the demo set first). ``StreamingDataset`` gives a deterministic global sample order that depends on the shuffle seed and
 ``num_canonical_nodes``, not on the number of ranks, and its ``StreamingDataLoader`` state
 (samples yielded in the current epoch) is saved in every checkpoint, so a resumed run continues
 with exactly the samples the uninterrupted run would have seen.
@@ -9,7 +10,7 @@ with exactly the samples the uninterrupted run would have seen.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -17,13 +18,14 @@ import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
-from arra_ds.data.demo import DemoDataConfig, demo_dir, write_demo_dataset
-from arra_ds.data.schema import check_columns
+from arra_ds import distributed
+from arra_ds.data.schema import SchemaError, check_columns
 from arra_ds.data.shards import check_shards
 from arra_ds.data.shm import clean_stale_streaming_shm
-from arra_ds.model.losses import IGNORE_INDEX
+from arra_ds.errors import ConfigError
+from arra_ds.tokens.layout import IGNORE_INDEX
 
-DEMO_PATH = "demo"
+DEMO_PATH = "demo"  # data.path of the built-in demo set (built by arra_ds.demo, resolved by the trainer)
 
 
 @dataclass
@@ -38,7 +40,6 @@ class DataConfig:
     num_workers: int = 0
     pad_to_multiple_of: int = 8  # pad T to a multiple of this (tensor-core friendly)
     num_canonical_nodes: int = 0  # 0 = streaming's default; keep fixed across resumes
-    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
     @property
     def is_demo(self) -> bool:
@@ -49,19 +50,15 @@ class DataConfig:
         return "://" in self.path
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if not self.path:
             raise ConfigError(
                 f"data.path is not set: give an MDS data set (a directory written by launch/pretokenize.py or a "
                 f"remote URL), or data.path={DEMO_PATH} for the built-in demo images"
             )
-        if self.is_demo:
-            self.demo.validate()
-        elif self.is_remote:
-            if not self.cache_dir:
-                raise ConfigError(f"data.path={self.path} is remote: set data.cache_dir=<local dir> for its shards")
-        elif not (Path(self.path) / "index.json").is_file():
+        # data.path=demo is built on first use by the trainer (arra_ds.demo) and checked by the run config
+        if self.is_remote and not self.cache_dir:
+            raise ConfigError(f"data.path={self.path} is remote: set data.cache_dir=<local dir> for its shards")
+        if not (self.is_demo or self.is_remote or (Path(self.path) / "index.json").is_file()):
             raise ConfigError(
                 f"data.path={self.path}: no index.json there. Point it at an MDS data set written by "
                 "launch/pretokenize.py, or use data.path=demo"
@@ -72,16 +69,10 @@ class DataConfig:
             raise ConfigError("data.num_workers must be >= 0 and data.pad_to_multiple_of >= 1")
 
 
-def prepare_data_dir(cfg: DataConfig, seed: int) -> tuple[str | None, str]:
-    """(remote, local) for StreamingDataset; cleans stale shared memory and builds the demo set.
-
-    Call on every rank before any dataset is built: local rank 0 of each node removes the
-    shared-memory blocks a crashed run left behind and writes the demo set on first use, the other
-    ranks wait at a barrier.
-    """
-    from arra_ds import dist
-
-    if dist.local_rank() == 0:
+def remove_stale_shared_memory() -> None:
+    """Call on every rank before any dataset is built: local rank 0 of each node removes the
+    shared-memory blocks a crashed run left behind, the other ranks wait at a barrier."""
+    if distributed.local_rank() == 0:
         removed = clean_stale_streaming_shm()
         if removed:
             prefixes = sorted({name.split("_", 1)[0] for name in removed})
@@ -90,14 +81,14 @@ def prepare_data_dir(cfg: DataConfig, seed: int) -> tuple[str | None, str]:
                 f"{len(prefixes)} crashed dataset(s) (prefixes {', '.join(prefixes)})",
                 flush=True,
             )
-        if cfg.is_demo:
-            write_demo_dataset(demo_dir(cfg.demo, seed), cfg.demo, seed)
-    dist.barrier()
-    if cfg.is_demo:
-        return None, str(demo_dir(cfg.demo, seed))
+    distributed.barrier()
+
+
+def streaming_location(cfg: DataConfig, resolved_path: str) -> tuple[str | None, str]:
+    """(remote, local) arguments of StreamingDataset for a resolved data path."""
     if cfg.is_remote:
-        return cfg.path, cfg.cache_dir
-    return None, cfg.path
+        return resolved_path, cfg.cache_dir
+    return None, resolved_path
 
 
 class SampleConverter:
@@ -118,13 +109,13 @@ class SampleConverter:
     def _features(self, sample: dict, uid: str) -> torch.Tensor:
         feature = np.asarray(sample[self.feature_column], dtype=np.float32)
         if feature.ndim != 1 or (self.feature_dim and feature.shape[0] != self.feature_dim):
-            raise ValueError(
+            raise SchemaError(
                 f"sample {uid!r}: column {self.feature_column} has shape {list(feature.shape)}, expected "
                 f"[{self.feature_dim or 'D'}] like the rest of the data set; the data set mixes feature extractors, "
                 "re-run pre-tokenization for it"
             )
         if not np.isfinite(feature).all():
-            raise ValueError(
+            raise SchemaError(
                 f"sample {uid!r}: column {self.feature_column} holds non-finite values; re-run pre-tokenization for it"
             )
         return torch.from_numpy(feature)
@@ -138,7 +129,7 @@ class SampleConverter:
             item["target_features"] = self._features(sample, uid)
         if len(tokens) > self.max_seq_len:
             if self.overlong == "error":
-                raise ValueError(
+                raise SchemaError(
                     f"sample {uid!r} has {len(tokens)} tokens > data.max_seq_len={self.max_seq_len}; "
                     "raise data.max_seq_len or set data.overlong=truncate or data.overlong=skip"
                 )
@@ -272,8 +263,6 @@ def feature_dim_of(dataset, feature_column: str) -> int:
 
 def resolve_feature_dim(align_cfg, data_dim: int) -> int:
     """D for the projector: the data decides; an explicit align.feature_dim must agree with it."""
-    from arra_ds.config import ConfigError
-
     if align_cfg.feature_dim and align_cfg.feature_dim != data_dim:
         raise ConfigError(
             f"align.feature_dim={align_cfg.feature_dim} but the data column {align_cfg.feature_column} holds "

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from arra_ds.errors import UserError
+
 BASE_COLUMNS: dict[str, str] = {
     "tokens": "ndarray:int32",
     "prompt_len": "int32",
@@ -28,8 +30,8 @@ FEATURE_ENCODING = "ndarray:float16"
 UNSAFE_ENCODINGS = ("pkl",)  # MDS encodings that unpickle on read
 
 
-class SchemaError(ValueError):
-    pass
+class SchemaError(UserError, ValueError):
+    """A data set whose layout is not what arra_ds writes; the message names the directory and the fix."""
 
 
 def feature_column(encoder: str) -> str:

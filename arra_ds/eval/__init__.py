@@ -1,5 +1,2 @@
-"""Evaluation: FID (Inception, XRV DenseNet), MS-SSIM, CLIP-Score and the distributed eval runner."""
-
-from arra_ds.eval.fid import FeatureStats, frechet_distance, load_stats
-
-__all__ = ["FeatureStats", "frechet_distance", "load_stats"]
+"""Evaluation: FID (Inception, XRV DenseNet), MS-SSIM, CLIP-Score, the distributed eval runner and the
+in-training evaluation."""

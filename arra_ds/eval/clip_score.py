@@ -22,10 +22,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import huggingface_hub.constants as hub_constants
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from arra_ds.errors import ConfigError, InputNotFoundError
 
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 ALIASES = {"biomedclip": BIOMEDCLIP}
@@ -36,8 +39,6 @@ RANDOM_CLIP_CONTEXT = 16
 @contextlib.contextmanager
 def _hub_offline():
     """Resolve hf-hub names from the local cache only (no network)."""
-    import huggingface_hub.constants as hub_constants
-
     previous_env, previous = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
     os.environ["HF_HUB_OFFLINE"] = "1"
     hub_constants.HF_HUB_OFFLINE = True
@@ -53,6 +54,7 @@ def _hub_offline():
 
 def count_tokens(tokenizer, text: str) -> int:
     """Tokens ``text`` needs in the text tower, special tokens included, before truncation."""
+    # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     if isinstance(tokenizer, SimpleTokenizer):
@@ -95,6 +97,7 @@ class ClipScorer:
 
 
 def _random_clip() -> ClipScorer:
+    # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
     from open_clip.model import CLIP
     from open_clip.tokenizer import SimpleTokenizer
     from open_clip.transform import image_transform
@@ -113,6 +116,7 @@ def _random_clip() -> ClipScorer:
 
 def build_clip_scorer(spec: str, device: torch.device | str = "cpu") -> ClipScorer:
     """Load the CLIP model named by ``spec`` (see the module docstring) from local files."""
+    # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
     import open_clip
 
     if spec == RANDOM_CLIP:
@@ -127,13 +131,13 @@ def build_clip_scorer(spec: str, device: torch.device | str = "cpu") -> ClipScor
                 else:
                     arch, sep, pretrained = name.partition(":")
                     if not sep or not pretrained:
-                        raise ValueError(
+                        raise ConfigError(
                             f"clip_model={spec!r}: use biomedclip, hf-hub:org/repo, local-dir:/path, ARCH:WEIGHTS or random"
                         )
                     model, preprocess = open_clip.create_model_from_pretrained(arch, pretrained=pretrained)
                     tokenizer = open_clip.get_tokenizer(arch)
         except (OSError, RuntimeError) as e:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"could not load CLIP model {spec!r} from local files ({e}). Nothing is downloaded at run time: "
                 "put the model in the Hugging Face cache, or pass local-dir:/path or ARCH:/path/to/weights"
             ) from e

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arra_ds.errors import ConfigError, MissingDependencyError, UserError
+
 from arra_ds.eval.inception import FID_INCEPTION_FILENAME, POOL3_DIM, FIDInceptionV3
 
 RANDOM_WEIGHTS = "random"
@@ -44,7 +46,11 @@ XRV_PIXEL_RANGE = 1024.0  # torchxrayvision's inputs span [-1024, 1024]
 XRV_FEATURE_DIM = 1024
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class ExtractorWeightsError(UserError, ValueError):
+    """A weights file that does not hold this extractor's network; the message names the file."""
+
+
+class WeightsNotFoundError(UserError, FileNotFoundError):
     pass
 
 
@@ -71,7 +77,7 @@ def _load_state_dict_file(path: Path) -> dict:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         return obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict or a module")
+        raise ExtractorWeightsError(f"{path} holds a {type(obj).__name__}, expected a state dict or a module")
     return obj
 
 
@@ -79,7 +85,7 @@ def _load_strict(module: nn.Module, state: dict, path: Path, ignore_missing: tup
     result = module.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (ignore_missing and k.endswith(ignore_missing))]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise ExtractorWeightsError(
             f"weights file {path} does not match the {type(module).__name__} layout: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}"
@@ -150,9 +156,9 @@ def build_inception(weights: str = "") -> FeatureExtractor:
 # ---- xrv ----------------------------------------------------------------------------------------
 def _import_xrv():
     try:
-        import torchxrayvision
+        import torchxrayvision  # an optional dependency (the [eval] extra): imported only for the xrv extractor
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             "the 'xrv' FID extractor needs torchxrayvision, an optional dependency: pip install -e '.[eval]'"
         ) from e
     return torchxrayvision
@@ -218,5 +224,5 @@ EXTRACTORS: dict[str, Callable[[str], FeatureExtractor]] = {"inception": build_i
 
 def build_extractor(name: str, weights: str = "") -> FeatureExtractor:
     if name not in EXTRACTORS:
-        raise ValueError(f"unknown feature extractor '{name}'; available: {sorted(EXTRACTORS)}")
+        raise ConfigError(f"unknown feature extractor '{name}'; available: {sorted(EXTRACTORS)}")
     return EXTRACTORS[name](weights)

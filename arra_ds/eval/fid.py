@@ -15,6 +15,7 @@ most common reason for FID numbers that do not reproduce.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -23,11 +24,14 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
+from arra_ds.errors import InputNotFoundError, UserError
+from arra_ds.io import atomic_write
+
 SINGULAR_EPS = 1e-6
 IMAGINARY_TOLERANCE = 1e-3
 
 
-class StatsMismatchError(ValueError):
+class StatsMismatchError(UserError, ValueError):
     """A statistics file made with a different extractor, weights or feature width."""
 
 
@@ -97,11 +101,9 @@ class FeatureStats:
         return int(self.mu.shape[0])
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        encoded = io.BytesIO()
         np.savez(
-            tmp,
+            encoded,
             mu=self.mu,
             sigma=self.sigma,
             num_samples=np.int64(self.num_samples),
@@ -109,7 +111,7 @@ class FeatureStats:
             weights_hash=np.str_(self.weights_hash),
             source=np.str_(json.dumps(self.source, sort_keys=True)),
         )
-        tmp.replace(path)
+        atomic_write(path, encoded.getvalue())
 
     def check_compatible(self, extractor: str, weights_hash: str, where: str) -> None:
         if self.extractor != extractor or self.weights_hash != weights_hash:
@@ -124,7 +126,7 @@ def load_stats(path: str | Path, extractor: str | None = None, weights_hash: str
     """Read a statistics ``.npz``; with ``extractor``/``weights_hash`` given, refuse a mismatch."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"statistics file {path} does not exist")
+        raise InputNotFoundError(f"statistics file {path} does not exist")
     with np.load(path, allow_pickle=False) as data:
         missing = [k for k in ("mu", "sigma", "num_samples", "extractor", "weights_hash") if k not in data.files]
         if missing:

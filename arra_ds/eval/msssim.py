@@ -19,6 +19,8 @@ from itertools import combinations
 import torch
 from pytorch_msssim import ms_ssim
 
+from arra_ds.errors import ConfigError
+
 MSSSIM_SCALES = 5
 
 
@@ -28,8 +30,6 @@ class MSSSIMConfig:
     win_sigma: float = 1.5
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if self.win_size < 3 or self.win_size % 2 == 0:
             raise ConfigError(f"ms_ssim.win_size={self.win_size} must be an odd number >= 3")
         if self.win_sigma <= 0:

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from arra_ds import dist
-from arra_ds.eval.extractors import FeatureExtractor, build_extractor
+from arra_ds import distributed
+from arra_ds.distributed import gather_rows, init_process_group, my_chunks, sum_over_ranks
+from arra_ds.errors import ConfigError
+from arra_ds.eval.extractors import EXTRACTORS, FeatureExtractor, build_extractor
 from arra_ds.eval.fid import FeatureStats, load_stats
-from arra_ds.generate.distributed import gather_rows, init_from_env, my_chunks, sum_over_ranks
+from arra_ds.generate.loading import load_vocab
 from arra_ds.generate.images import fit_to_size, list_images, load_rgb, to_chw_batch
 from arra_ds.generate.pipeline import decode_to_uint8, load_decoder
 from arra_ds.generate.prompts import Prompt, PromptSet, load_prompts
@@ -52,7 +54,7 @@ class RealImages:
     def _decoder_for_codes(self):
         if self._decoder is None:
             if not all(self._vqgan):
-                raise ValueError("real images stored as VQ codes (MDS) need vqgan_config and vqgan_checkpoint")
+                raise ConfigError("real images stored as VQ codes (MDS) need vqgan_config and vqgan_checkpoint")
             self._decoder = load_decoder(*self._vqgan, self._device)
         return self._decoder
 
@@ -73,7 +75,7 @@ class RealImages:
     def report_failures(self) -> int:
         """Print this rank's unreadable images; the number over all ranks."""
         for image, reason in self.failures.items():
-            print(f"rank {dist.rank()}: real image left out: {image}: {reason}", flush=True)
+            print(f"rank {distributed.rank()}: real image left out: {image}: {reason}", flush=True)
         return sum_over_ranks([len(self.failures)])[0]
 
 
@@ -82,14 +84,14 @@ def reference_items(source: str, prompt_set: PromptSet | None, vocab, limit: int
     if source == REFERENCE_FROM_PROMPTS:
         if prompt_set is None or not prompt_set.has_real_images:
             where = f"{prompt_set.source} ({prompt_set.kind})" if prompt_set else "none"
-            raise ValueError(
+            raise ConfigError(
                 f"reference=prompts, but the prompt source {where} carries no real images; give "
                 "reference=<image folder | MDS dir>, reference_stats=<npz>, or reference= (no FID)"
             )
         items: list = list(prompt_set.prompts)
     elif (Path(source) / "index.json").is_file():
         if vocab is None:
-            raise ValueError(f"reading the MDS reference {source} needs the model's vocabulary")
+            raise ConfigError(f"reading the MDS reference {source} needs the model's vocabulary (model=...)")
         items = list(load_prompts(source, vocab, limit).prompts)
     else:
         items = [str(p) for p in list_images(source)]
@@ -102,7 +104,7 @@ def compute_reference_stats(
     """Features of ``items`` on all ranks (chunk c on rank c % world), gathered; name -> stats."""
     local: dict[str, tuple[list, list]] = {e.name: ([], []) for e in extractors}
     chunks = my_chunks(len(items), batch_size)
-    for chunk in tqdm(chunks, disable=not (progress and dist.is_rank0()), desc="reference", dynamic_ncols=True):
+    for chunk in tqdm(chunks, disable=not (progress and distributed.is_rank0()), desc="reference", dynamic_ncols=True):
         images, indices = [], []
         for i in chunk:
             image = real.get(items[i])
@@ -142,7 +144,7 @@ def cached_or_computed_stats(
     missing = [e for e in extractors if e.name not in stats]
     if missing:
         computed = compute_reference_stats(missing, items, real, batch_size, source, progress)
-        if dist.is_rank0():
+        if distributed.is_rank0():
             for name, value in computed.items():
                 value.save(cache_dir / f"{name}.npz")
         stats.update(computed)
@@ -165,8 +167,6 @@ class ReferenceStatsConfig:
     progress_bar: bool = True
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-        from arra_ds.eval.extractors import EXTRACTORS
 
         if not self.source:
             raise ConfigError("source=<image folder | MDS dir> is required")
@@ -182,10 +182,9 @@ class ReferenceStatsConfig:
 def write_reference_stats(cfg: ReferenceStatsConfig) -> dict[str, str]:
     """Compute and save the statistics; returns extractor -> npz path."""
     cfg.validate()
-    device = init_from_env()
+    device = init_process_group()
     vocab = None
     if cfg.model:
-        from arra_ds.generate.loading import load_vocab
 
         vocab = load_vocab(cfg.model)
     items = reference_items(cfg.source, None, vocab, cfg.limit)
@@ -196,7 +195,7 @@ def write_reference_stats(cfg: ReferenceStatsConfig) -> dict[str, str]:
     stats = cached_or_computed_stats(extractors, items, real, cfg.batch_size, source, out, cfg.progress_bar)
     failures = real.report_failures()
     paths = {name: str(out / f"{name}.npz") for name in stats}
-    if dist.is_rank0():
+    if distributed.is_rank0():
         for name, value in stats.items():
             print(f"{name}: {value.num_samples} images -> {paths[name]} (weights {value.weights_hash[:16]})", flush=True)
         if failures:

@@ -19,49 +19,49 @@ checkpoint's step).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from arra_ds import dist
-from arra_ds.eval.extractors import build_extractor
-from arra_ds.eval.fid import FeatureStats, frechet_distance, load_stats
+from torch.utils.tensorboard import SummaryWriter
+
+from arra_ds import distributed
+from arra_ds.distributed import gather_rows, init_process_group, my_chunks, sum_over_ranks
+from arra_ds.errors import ConfigError
+from arra_ds.eval.clip_score import build_clip_scorer
+from arra_ds.eval.extractors import EXTRACTORS, build_extractor
+from arra_ds.eval.fid import FeatureStats, load_stats
 from arra_ds.eval.msssim import MSSSIMConfig, diversity_ms_ssim, ms_ssim_per_pair
 from arra_ds.eval.reference import REFERENCE_FROM_PROMPTS, RealImages, cached_or_computed_stats, reference_items
-from arra_ds.generate.distributed import gather_rows, init_from_env, my_chunks, sum_over_ranks
+from arra_ds.eval.summary import fid_score, sample_grid
+from arra_ds.io import atomic_write_json
 from arra_ds.generate.images import load_rgb, to_chw_batch
+from arra_ds.generate.loading import describe_model, load_vocab
 from arra_ds.generate.pipeline import (
+    GenerateConfig,
     SampleSpec,
     build_samples,
     generate_missing_images,
     write_manifest,
 )
 from arra_ds.generate.prompts import PromptSet, load_prompts
-from arra_ds.generate.sampling import SamplingConfig
 
 PAIRED_FORM = "generated image vs the real image of its prompt, mean over samples (the paper's MS-SSIM, higher is better)"
 DIVERSITY_FORM = "mean over pairs of samples of one prompt, then over prompts (diversity, lower is more diverse)"
 
 
 @dataclass
-class EvalConfig:
-    model: str = ""  # trainer checkpoint (run dir / checkpoints / step dir) or HF model directory
-    tokenizer: str = ""  # prompt tokenizer JSON; default: the model's (debug tokenizer for debug models)
-    vqgan_config: str = ""  # Chameleon vqgan.yaml
-    vqgan_checkpoint: str = ""  # Chameleon vqgan.ckpt
-    prompts: str = ""  # .txt (one per line), conversation .json (with real images) or MDS directory
-    num_prompts: int = 0  # first n prompts; 0 = all
-    samples_per_prompt: int = 1
-    batch_size: int = 8  # samples per generation batch; fixes the batches, keep it when resuming
+class EvalConfig(GenerateConfig):
+    """Every generation key (model, prompts, samples_per_prompt, batch_size, sampling.*, ...; see
+    ``GenerateConfig``) plus what is measured on the samples. ``prompts`` is required: a .txt, a
+    conversation .json (with real images) or an MDS directory; ``batch_size`` fixes the generation
+    batches, keep it when resuming."""
+
     output_dir: str = "runs/eval"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # backbone dtype; auto = bf16 on GPU
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     extractors: list[str] = field(default_factory=lambda: ["inception"])  # inception, xrv
     extractor_weights: dict[str, str] = field(default_factory=dict)  # name -> file | "random"; else the cache
     # real images for FID: "prompts" (those of the prompt source), an image folder, an MDS directory,
@@ -75,26 +75,18 @@ class EvalConfig:
     ms_ssim_config: MSSSIMConfig = field(default_factory=MSSSIMConfig)
     grid_size: int = 16  # samples in the tensorboard grid
     tensorboard: bool = True
-    progress_bar: bool = True
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-        from arra_ds.eval.extractors import EXTRACTORS
-
-        if not self.model:
-            raise ConfigError("model=<trainer checkpoint or HF model dir> is required")
         if not self.prompts:
             raise ConfigError("prompts=<.txt | conversation .json | MDS dir> is required")
-        if not self.vqgan_config or not self.vqgan_checkpoint:
-            raise ConfigError("vqgan_config=<vqgan.yaml> and vqgan_checkpoint=<vqgan.ckpt> are required (the image decoder)")
-        if self.samples_per_prompt < 1 or self.batch_size < 1 or self.feature_batch_size < 1:
-            raise ConfigError("samples_per_prompt, batch_size and feature_batch_size must be >= 1")
-        if self.num_prompts < 0 or self.reference_limit < 0 or self.grid_size < 0:
-            raise ConfigError("num_prompts, reference_limit and grid_size must be >= 0")
+        super().validate()
+        if self.feature_batch_size < 1:
+            raise ConfigError("feature_batch_size must be >= 1")
+        if self.reference_limit < 0 or self.grid_size < 0:
+            raise ConfigError("reference_limit and grid_size must be >= 0")
         unknown = [e for e in [*self.extractors, *self.extractor_weights, *self.reference_stats] if e not in EXTRACTORS]
         if unknown:
             raise ConfigError(f"unknown extractor(s) {unknown}; available: {sorted(EXTRACTORS)}")
-        self.sampling.validate()
         self.ms_ssim_config.validate()
 
 
@@ -108,7 +100,7 @@ def _per_sample_metrics(cfg, samples, chunks, images_dir, extractors, clip, real
         out[name][0].append(np.asarray(indices, np.int64))
         out[name][1].append(np.asarray(values, np.float64))
 
-    for chunk in tqdm(chunks, disable=not (progress and dist.is_rank0()), desc="metrics", dynamic_ncols=True):
+    for chunk in tqdm(chunks, disable=not (progress and distributed.is_rank0()), desc="metrics", dynamic_ncols=True):
         specs = [samples[k] for k in chunk]
         batch = to_chw_batch([load_rgb(images_dir / s.file_name) for s in specs])
         indices = [s.index for s in specs]
@@ -145,7 +137,7 @@ def _diversity(cfg, samples: list[SampleSpec], prompt_set: PromptSet, images_dir
     """Per-prompt diversity MS-SSIM; prompt p is scored on rank p % world."""
     S = cfg.samples_per_prompt
     indices, values = [], []
-    for p in prompt_set.prompts[dist.rank() :: dist.world_size()]:
+    for p in prompt_set.prompts[distributed.rank() :: distributed.world_size()]:
         images = to_chw_batch([load_rgb(images_dir / samples[p.index * S + r].file_name) for r in range(S)])
         indices.append(p.index)
         values.append(diversity_ms_ssim(images, cfg.ms_ssim_config))
@@ -153,15 +145,10 @@ def _diversity(cfg, samples: list[SampleSpec], prompt_set: PromptSet, images_dir
 
 
 def _write_tensorboard(cfg, out_dir: Path, samples, images_dir: Path, metrics: dict, step: int) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-    from torchvision.utils import make_grid
-
     writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
     shown = samples[: cfg.grid_size]
     if shown:
-        images = to_chw_batch([load_rgb(images_dir / s.file_name) for s in shown])
-        grid = make_grid(images, nrow=int(np.ceil(np.sqrt(len(shown)))))
-        writer.add_image("eval/samples", grid, step)
+        writer.add_image("eval/samples", sample_grid([images_dir / s.file_name for s in shown]), step)
     for name, value in metrics.items():
         if value is not None:
             writer.add_scalar(f"eval/{name}", value, step)
@@ -171,12 +158,9 @@ def _write_tensorboard(cfg, out_dir: Path, samples, images_dir: Path, metrics: d
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Run the evaluation on this rank; returns the report on rank 0 and {} elsewhere."""
-    from arra_ds.eval.clip_score import build_clip_scorer
-    from arra_ds.generate.loading import describe_model, load_vocab
-
     cfg.validate()
     start = time.perf_counter()
-    device = init_from_env()
+    device = init_process_group()
     out_dir = Path(cfg.output_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -185,13 +169,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     prompt_set = load_prompts(cfg.prompts, vocab, cfg.num_prompts)
     samples = build_samples(prompt_set, cfg.samples_per_prompt, cfg.sampling.seed)
     chunks = my_chunks(len(samples), cfg.batch_size)
-    dist.print0(f"eval: {len(prompt_set.prompts)} prompts x {cfg.samples_per_prompt} samples on {dist.world_size()} rank(s)")
+    distributed.print0(f"eval: {len(prompt_set.prompts)} prompts x {cfg.samples_per_prompt} samples on {distributed.world_size()} rank(s)")
 
     # ---- generate what is missing --------------------------------------------------------------
     generated, reused = generate_missing_images(cfg, samples, chunks, images_dir, device)
-    dist.barrier()
+    distributed.barrier()
     generated, reused = sum_over_ranks([generated, reused])
-    if dist.is_rank0():
+    if distributed.is_rank0():
         write_manifest(samples, out_dir / "samples.jsonl")
 
     # ---- per-sample metrics (this rank's chunks), gathered in sample order ---------------------
@@ -227,7 +211,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         reference_files.update({name: str(cache_dir / f"{name}.npz") for name in computed})
     real_failures = real.report_failures()
 
-    if not dist.is_rank0():
+    if not distributed.is_rank0():
         return {}
 
     # ---- report (rank 0) -----------------------------------------------------------------------
@@ -245,9 +229,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         elif len(features) < 2:
             notes.append(f"{key}: needs at least 2 generated samples")
         else:
-            gen = FeatureStats.from_features(features, e.name, e.weights_hash)
             ref = reference[e.name]
-            metrics[key] = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+            metrics[key] = fid_score(features, e, ref)
             reference_info[e.name] = {
                 "stats_file": reference_files[e.name], "num_samples": ref.num_samples, "source": ref.source,
             }
@@ -286,11 +269,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         "batch_size": cfg.batch_size,
         "prompts": {"source": prompt_set.source, "kind": prompt_set.kind, "skipped": prompt_set.skipped},
         "generation": {"generated": generated, "reused": reused},
-        "world_size": dist.world_size(),
+        "world_size": distributed.world_size(),
         "notes": notes,
         "wall_s": time.perf_counter() - start,
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out_dir / "report.json", report)
     if cfg.tensorboard:
         _write_tensorboard(cfg, out_dir, samples, images_dir, metrics, model_info.get("step") or 0)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)

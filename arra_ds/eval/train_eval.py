@@ -18,17 +18,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from arra_ds import dist
-from arra_ds.data.sequence import CODES_PER_GRID_CELL
-from arra_ds.generate.sampling import GRID_CELL_PIXELS, SamplingConfig
-
-GatherContext = Callable[[Iterable[nn.Parameter]], ContextManager]
+from arra_ds import distributed
+from arra_ds.distributed import gather_rows, my_chunks
+from arra_ds.errors import ConfigError
+from arra_ds.eval.extractors import EXTRACTORS, build_extractor
+from arra_ds.eval.reference import RealImages, cached_or_computed_stats
+from arra_ds.eval.summary import fid_score, sample_grid
+from arra_ds.generate.images import load_rgb, to_chw_batch
+from arra_ds.generate.pipeline import build_samples, generate_missing, load_decoder
+from arra_ds.generate.prompts import load_prompts
+from arra_ds.generate.sampler import ImageSampler
+from arra_ds.generate.sampling import SamplingConfig
+from arra_ds.model.backbone import GatherContext, skeleton_like
+from arra_ds.tokens.layout import CODE_PATCH_PX
 
 
 @dataclass
@@ -45,9 +52,6 @@ class TrainEvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-        from arra_ds.eval.extractors import EXTRACTORS
-
         if not self.vqgan_config or not self.vqgan_checkpoint:
             raise ConfigError(
                 "train.eval_every > 0 needs eval.vqgan_config=<vqgan.yaml> and eval.vqgan_checkpoint=<vqgan.ckpt> "
@@ -66,14 +70,7 @@ class TrainEvalConfig:
 def inference_copy(backbone: nn.Module, gather: GatherContext, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A plain Chameleon with ``backbone``'s weights, built on the meta device and filled one module
     at a time inside ``gather`` (ZeRO-3 partitioned weights are whole only inside it)."""
-    from transformers import ChameleonForConditionalGeneration
-
-    from arra_ds.model.backbone import LMHeadWithLoss
-
-    with torch.device("meta"):
-        copy = ChameleonForConditionalGeneration._from_config(backbone.config, dtype=dtype)
-    del copy.model.vqmodel
-    copy.lm_head = LMHeadWithLoss(copy.lm_head.weight, 0.0, 1)
+    copy = skeleton_like(backbone.config, dtype)
     copy.to_empty(device=device)
     target = dict(copy.named_modules())
     with torch.no_grad():
@@ -95,10 +92,6 @@ class TrainEvaluator:
     """Holds the prompts, decoder, extractor and reference statistics between evaluations."""
 
     def __init__(self, cfg: TrainEvalConfig, dataset, vocab, run_dir: Path, device: torch.device, source: str):
-        from arra_ds.eval.extractors import build_extractor
-        from arra_ds.generate.pipeline import build_samples, load_decoder
-        from arra_ds.generate.prompts import load_prompts
-
         self.cfg = cfg
         self.vocab = vocab
         self.device = device
@@ -111,9 +104,11 @@ class TrainEvaluator:
         if cfg.size_from_data:
             h, w = self.prompts.prompts[0].real_codes.shape
             factor = self.decoder.downsample_factor
-            if factor * CODES_PER_GRID_CELL != GRID_CELL_PIXELS:
-                needed = GRID_CELL_PIXELS // CODES_PER_GRID_CELL
-                raise ValueError(f"the VQGAN downsamples by {factor}; the sampler's image layout needs {needed}")
+            if factor != CODE_PATCH_PX:
+                raise ConfigError(
+                    f"eval.vqgan_config: the VQGAN downsamples by {factor}, but the token layout has one code per "
+                    f"{CODE_PATCH_PX} px; use the VQGAN the data was pre-tokenised with"
+                )
             self.sampling = replace(cfg.sampling, height=h * factor, width=w * factor)
         self.samples = build_samples(self.prompts, 1, self.sampling.seed)
         self.reference = None
@@ -122,8 +117,6 @@ class TrainEvaluator:
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def _reference_stats(self):
-        from arra_ds.eval.reference import RealImages, cached_or_computed_stats
-
         if self.reference is None:
             real = RealImages(self.sampling.height, self.sampling.width, decoder=self.decoder)
             source = {"reference": "training data (VQ reconstructions)", "num_items": len(self.prompts.prompts),
@@ -137,7 +130,7 @@ class TrainEvaluator:
         """Evaluate the engine's current weights and log the scalars and the sample grid (rank 0)."""
         dtype = torch.bfloat16 if engine.precision == "bf16" else torch.float32
         scalars, grid = self.run(engine.model.backbone, engine.gathered_for_reading, step, dtype)
-        if dist.is_rank0():
+        if distributed.is_rank0():
             logger.log(step, scalars)
             logger.add_image("eval/samples", grid, step)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in scalars.items())
@@ -148,14 +141,6 @@ class TrainEvaluator:
         self, backbone: nn.Module, gather: GatherContext, step: int, dtype: torch.dtype
     ) -> tuple[dict, np.ndarray | None]:
         """Generate, decode, score. Returns ({"eval/fid_<extractor>": value}, grid [3, H, W] uint8 on rank 0)."""
-        from torchvision.utils import make_grid
-
-        from arra_ds.eval.fid import FeatureStats, frechet_distance
-        from arra_ds.generate.distributed import gather_rows, my_chunks
-        from arra_ds.generate.images import load_rgb, to_chw_batch
-        from arra_ds.generate.pipeline import generate_missing
-        from arra_ds.generate.sampler import ImageSampler
-
         images_dir = self.out_dir / f"step_{step:08d}"
         with self._training_rng_untouched():
             model = inference_copy(backbone, gather, self.device, dtype)
@@ -172,17 +157,14 @@ class TrainEvaluator:
             _, features = gather_rows(np.asarray(local_idx, np.int64),
                                       np.concatenate(local_feat) if local_feat else np.zeros((0, width)))
             reference = self._reference_stats()
-        dist.barrier()
-        if not dist.is_rank0():
+        distributed.barrier()
+        if not distributed.is_rank0():
             return {}, None
         scalars = {}
         if reference is not None:
-            gen = FeatureStats.from_features(features, self.extractor.name, self.extractor.weights_hash)
-            scalars[f"eval/fid_{self.extractor.name}"] = frechet_distance(gen.mu, gen.sigma, reference.mu, reference.sigma)
-        images = to_chw_batch([load_rgb(images_dir / s.file_name) for s in self.samples])
-        grid = make_grid(images, nrow=int(np.ceil(np.sqrt(len(self.samples))))).numpy()
-        return scalars, grid
+            scalars[f"eval/fid_{self.extractor.name}"] = fid_score(features, self.extractor, reference)
+        return scalars, sample_grid([images_dir / s.file_name for s in self.samples])
 
 
 def _prompt_ids_only(text: str) -> list[int]:
-    raise ValueError(f"training-data prompt {text!r} has no token ids; the MDS sample should carry them")
+    raise RuntimeError(f"training-data prompt {text!r} has no token ids; the MDS sample should carry them")

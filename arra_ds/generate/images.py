@@ -8,7 +8,7 @@ prepared for evaluation exactly as for training.
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 
 from arra_ds.data.images import resize_and_center_crop, to_rgb
+from arra_ds.errors import InputNotFoundError
+from arra_ds.io import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
     """Write uint8 [H, W, 3] atomically (temporary file + rename): a file that exists is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image, mode="RGB").save(tmp, format="PNG")
-    tmp.replace(path)
+    encoded = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(encoded, format="PNG")
+    atomic_write(path, encoded.getvalue())
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -46,10 +46,10 @@ def fit_to_size(image: np.ndarray, height: int, width: int) -> np.ndarray:
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+        raise InputNotFoundError(f"image folder {folder} does not exist")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise InputNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files
 
 

@@ -2,10 +2,10 @@
 
 - HF directory (``config.json`` + weights, e.g. Lumina-mGPT-7B or our export): loaded with
   ``load_backbone`` (``from_pretrained``, local files only), image rows of ``lm_head`` kept.
-- Trainer checkpoint (run dir, ``checkpoints/`` or ``checkpoints/step_<n>``): the backbone is built
-  from the run's ``config.yaml`` and the ZeRO checkpoint's consolidated weights are loaded into it
-  (the alignment projector, a training-only part, is dropped). For a ``chameleon``/``lumina_mgpt``
-  run the base directory named in the config must still exist (it supplies config and tokenizer).
+- Trainer checkpoint (run dir, ``checkpoints/`` or ``checkpoints/step_<n>``):
+  ``arra_ds.checkpoints.load_trained_backbone`` (the run's ``model`` section + the consolidated
+  weights; the training-only projector is dropped). For a ``chameleon``/``lumina_mgpt`` run the base
+  directory named in the config must still exist (it supplies config and tokenizer).
 
 The prompt tokenizer: the debug tokenizer for debug models, else ``tokenizer`` if given, else
 ``tokenizer.json`` in the model (or base model) directory. Its special-token ids must agree with the
@@ -19,12 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from arra_ds.data.sequence import ConversationTokenizer, load_text_tokenizer
+from arra_ds.checkpoints import (
+    is_trainer_checkpoint,
+    load_trained_backbone,
+    read_run_model_config,
+    resolve_checkpoint,
+)
+from arra_ds.errors import UserError
 from arra_ds.model.backbone import ModelConfig, load_backbone
-from arra_ds.model.vocab import (
+from arra_ds.tokens.conversation import ConversationTokenizer, load_text_tokenizer
+from arra_ds.tokens.vocab import (
     BOS,
     END_OF_TURN,
     IMAGE_END,
@@ -34,14 +40,12 @@ from arra_ds.model.vocab import (
     build_debug_tokenizer,
     build_debug_vocab,
 )
-from arra_ds.train.checkpoint_io import consolidated_state_dict, is_trainer_checkpoint, resolve_checkpoint
 
-ALIGN_HEAD_PREFIX = "align_head."
-BACKBONE_PREFIX = "backbone."
+HF_CONFIG_FILE = "config.json"
 
 
-class ModelLoadError(ValueError):
-    pass
+class ModelLoadError(UserError, ValueError):
+    """A model path that is neither an HF directory nor a trainer checkpoint, or a mismatched tokenizer."""
 
 
 @dataclass
@@ -84,29 +88,17 @@ def _check_tokenizer(tokenizer, vocab: ChameleonVocab, where: str) -> None:
         )
 
 
-def _run_model_config(config_path: Path) -> ModelConfig:
-    from arra_ds.config import RunConfig, from_dict
-
-    if not config_path.is_file():
-        raise ModelLoadError(f"{config_path} not found: the trainer writes the resolved run config there")
-    data = yaml.safe_load(config_path.read_text()) or {}
-    run_cfg = from_dict(RunConfig, data)
-    run_cfg.model.validate()
-    return run_cfg.model
-
-
 def _model_config_for(path: Path) -> tuple[ModelConfig, dict]:
-    """(ModelConfig to build the backbone with, description) for an HF dir or a trainer checkpoint."""
-    if (path / "config.json").is_file():
+    """(ModelConfig of the backbone, description) for an HF dir or a trainer checkpoint."""
+    if (path / HF_CONFIG_FILE).is_file():
         return ModelConfig(source="lumina_mgpt", path=str(path), init_image_head="keep"), {"kind": "hf", "path": str(path)}
     if is_trainer_checkpoint(path):
         ref = resolve_checkpoint(path)
-        model_cfg = _run_model_config(ref.run_config_path)
-        model_cfg.init_image_head = "keep"  # the checkpoint's weights replace the initial ones
+        model_cfg = read_run_model_config(ref.run_dir)
         description = {"kind": "trainer_checkpoint", "path": str(ref.path), "step": ref.step, "source": model_cfg.source}
         return model_cfg, description
     raise ModelLoadError(
-        f"{path} is neither a Hugging Face model directory (config.json) nor a trainer checkpoint "
+        f"{path} is neither a Hugging Face model directory ({HF_CONFIG_FILE}) nor a trainer checkpoint "
         "(run dir / checkpoints / checkpoints/step_<n>)"
     )
 
@@ -121,10 +113,10 @@ def load_vocab(path: str | Path) -> ChameleonVocab:
     model_cfg, _ = _model_config_for(Path(path))
     if model_cfg.source == "debug":
         return build_debug_vocab(num_image_codes=model_cfg.debug.num_image_codes)
-    vocabulary_map = json.loads((Path(model_cfg.path) / "config.json").read_text()).get("vocabulary_map")
+    vocabulary_map = json.loads((Path(model_cfg.path) / HF_CONFIG_FILE).read_text()).get("vocabulary_map")
     if not vocabulary_map:
-        raise ModelLoadError(f"{model_cfg.path}/config.json has no vocabulary_map")
-    return ChameleonVocab.from_vocabulary_map(vocabulary_map, source=f"{model_cfg.path}/config.json")
+        raise ModelLoadError(f"{model_cfg.path}/{HF_CONFIG_FILE} has no vocabulary_map")
+    return ChameleonVocab.from_vocabulary_map(vocabulary_map, source=f"{model_cfg.path}/{HF_CONFIG_FILE}")
 
 
 def load_for_generation(
@@ -132,16 +124,11 @@ def load_for_generation(
 ) -> GenerationModel:
     path = Path(path)
     model_cfg, description = _model_config_for(path)
-    backbone, vocab = load_backbone(model_cfg, dtype=dtype)
     if description["kind"] == "trainer_checkpoint":
-        ref = resolve_checkpoint(path)
-        state = consolidated_state_dict(ref, dtype=dtype)
-        stray = [k for k in state if not k.startswith((BACKBONE_PREFIX, ALIGN_HEAD_PREFIX))]
-        if stray:
-            raise ModelLoadError(f"checkpoint {ref.path} has unexpected parameters {stray[:5]}: not an arra_ds run?")
-        backbone_state = {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-        backbone.load_state_dict(backbone_state, strict=True)
+        backbone, vocab, _ = load_trained_backbone(path, dtype, device)
+    else:
+        backbone, vocab = load_backbone(model_cfg, dtype=dtype)
+        backbone.to(device).eval().requires_grad_(False)
     text_tokenizer = _load_tokenizer(model_cfg, tokenizer)
     _check_tokenizer(text_tokenizer, vocab, str(path))
-    backbone.to(device).eval().requires_grad_(False)
     return GenerationModel(backbone, vocab, text_tokenizer, description)

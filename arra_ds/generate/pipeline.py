@@ -24,12 +24,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from arra_ds import dist
+from arra_ds import distributed
 from arra_ds.data.images import pixels_to_uint8
-from arra_ds.generate.distributed import init_from_env, my_chunks, sum_over_ranks
+from arra_ds.distributed import compute_dtype, init_process_group, my_chunks, sum_over_ranks
+from arra_ds.errors import ConfigError
 from arra_ds.generate.images import save_png
-from arra_ds.generate.prompts import Prompt, PromptSet
+from arra_ds.generate.loading import load_for_generation, load_vocab
+from arra_ds.generate.prompts import Prompt, PromptSet, load_prompts, prompts_from_texts
+from arra_ds.generate.sampler import ImageSampler
 from arra_ds.generate.sampling import SamplingConfig, seed_for_sample
+from arra_ds.io import atomic_write
+from arra_ds.tokens.vqgan import VQGAN
 
 
 @dataclass
@@ -60,21 +65,11 @@ def build_samples(prompt_set: PromptSet, samples_per_prompt: int, base_seed: int
 
 
 def write_manifest(samples: list[SampleSpec], path: Path) -> None:
-    with path.open("w") as f:
-        for s in samples:
-            f.write(json.dumps(s.manifest_entry()) + "\n")
+    atomic_write(path, "".join(json.dumps(s.manifest_entry()) + "\n" for s in samples))
 
 
 # ---- model pieces -------------------------------------------------------------------------------
-def resolve_dtype(precision: str) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-
-
-def load_decoder(vqgan_config: str, vqgan_checkpoint: str, device: torch.device):
-    from arra_ds.model.vqgan import VQGAN
-
+def load_decoder(vqgan_config: str, vqgan_checkpoint: str, device: torch.device) -> VQGAN:
     return VQGAN.from_original(vqgan_config, vqgan_checkpoint).to(device).eval()
 
 
@@ -98,7 +93,7 @@ def generate_missing(
     generated = reused = 0
     prompt_ids: dict[int, list[int]] = {}
     total = sum(len(c) for c in chunks)
-    bar = tqdm(total=total, disable=not (progress and dist.is_rank0()), desc="generate", dynamic_ncols=True)
+    bar = tqdm(total=total, disable=not (progress and distributed.is_rank0()), desc="generate", dynamic_ncols=True)
     for chunk in chunks:
         specs = [samples[k] for k in chunk]
         todo = [s for s in specs if not (images_dir / s.file_name).is_file()]
@@ -127,12 +122,9 @@ def generate_missing_images(cfg, samples: list[SampleSpec], chunks, images_dir: 
     ``cfg`` is a GenerateConfig or an EvalConfig (model, precision, tokenizer, vqgan_*, sampling,
     progress_bar); the model is freed before returning, so evaluation can use the memory next.
     """
-    from arra_ds.generate.loading import load_for_generation
-    from arra_ds.generate.sampler import ImageSampler
-
     if all((images_dir / samples[k].file_name).is_file() for chunk in chunks for k in chunk):
         return 0, sum(len(chunk) for chunk in chunks)
-    model = load_for_generation(cfg.model, resolve_dtype(cfg.precision), device, cfg.tokenizer)
+    model = load_for_generation(cfg.model, compute_dtype(cfg.precision, device), device, cfg.tokenizer)
     decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
     sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
     counts = generate_missing(sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar)
@@ -160,8 +152,6 @@ class GenerateConfig:
     progress_bar: bool = True
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if not self.model:
             raise ConfigError("model=<trainer checkpoint or HF model dir> is required")
         if bool(self.prompts) == bool(self.prompt_texts):
@@ -175,11 +165,8 @@ class GenerateConfig:
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Write the PNGs (and ``samples.jsonl``); returns a summary (on every rank)."""
-    from arra_ds.generate.loading import load_vocab
-    from arra_ds.generate.prompts import load_prompts, prompts_from_texts
-
     cfg.validate()
-    device = init_from_env()
+    device = init_process_group()
     images_dir = Path(cfg.output_dir) / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     if cfg.prompts:
@@ -189,9 +176,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
     samples = build_samples(prompt_set, cfg.samples_per_prompt, cfg.sampling.seed)
     chunks = my_chunks(len(samples), cfg.batch_size)
     generated, reused = generate_missing_images(cfg, samples, chunks, images_dir, device)
-    dist.barrier()
+    distributed.barrier()
     generated, reused = sum_over_ranks([generated, reused])
-    if dist.is_rank0():
+    if distributed.is_rank0():
         write_manifest(samples, Path(cfg.output_dir) / "samples.jsonl")
         print(f"generated {generated} image(s), kept {reused} existing, in {images_dir}", flush=True)
     return {"generated": generated, "reused": reused, "images_dir": str(images_dir), "num_samples": len(samples)}

@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from streaming import StreamingDataset
 
-from arra_ds.data.sequence import tokens_to_image
-from arra_ds.model.vocab import ChameleonVocab
+from arra_ds.data.loader import ensure_streaming_env
+from arra_ds.data.schema import check_columns
+from arra_ds.errors import InputNotFoundError, UserError
+from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, tokens_to_image
+from arra_ds.tokens.vocab import ChameleonVocab
 
-IMAGE_PLACEHOLDER = "<|image|>"
+
+class PromptError(UserError, ValueError):
+    """A prompt source that cannot be read or holds no usable prompt; the message names the file."""
 
 
 @dataclass
@@ -65,9 +71,9 @@ def _from_json(path: Path, limit: int) -> PromptSet:
     try:
         items = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise PromptError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(items, list):
-        raise ValueError(f"{path} must hold a list of conversation items (the ARRA pre-tokenization format)")
+        raise PromptError(f"{path} must hold a list of conversation items (the ARRA pre-tokenization format)")
     prompts, skipped = [], []
     for item_index, item in enumerate(items):
         if limit and len(prompts) >= limit:
@@ -96,13 +102,7 @@ def _from_json(path: Path, limit: int) -> PromptSet:
 
 
 def _from_mds(path: Path, limit: int, vocab: ChameleonVocab, dataset=None) -> PromptSet:
-    from arra_ds.data.schema import check_columns
-
     if dataset is None:
-        from streaming import StreamingDataset
-
-        from arra_ds.data.loader import ensure_streaming_env
-
         check_columns(path, None)
         ensure_streaming_env()
         dataset = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
@@ -137,7 +137,7 @@ def _from_mds(path: Path, limit: int, vocab: ChameleonVocab, dataset=None) -> Pr
 def prompts_from_texts(texts: list[str]) -> PromptSet:
     texts = [t.strip() for t in texts]
     if not all(texts):
-        raise ValueError("empty prompt text")
+        raise PromptError("empty prompt text: every --prompt / prompt_texts entry needs some text")
     return PromptSet([Prompt(i, t, uid=f"prompt:{i}") for i, t in enumerate(texts)], "<command line>", "txt")
 
 
@@ -152,7 +152,7 @@ def load_prompts(source: str | Path, vocab: ChameleonVocab, limit: int = 0, data
     elif path.is_file():
         result = _from_txt(path, limit)
     else:
-        raise FileNotFoundError(f"prompt source {path} not found: give a .txt, a conversation .json or an MDS directory")
+        raise InputNotFoundError(f"prompt source {path} not found: give a .txt, a conversation .json or an MDS directory")
     if not result.prompts:
-        raise ValueError(f"no usable prompts in {path} ({len(result.skipped)} items skipped: {result.skipped[:3]})")
+        raise PromptError(f"no usable prompts in {path} ({len(result.skipped)} items skipped: {result.skipped[:3]})")
     return result

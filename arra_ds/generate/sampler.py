@@ -28,9 +28,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from arra_ds.data.sequence import CODES_PER_GRID_CELL, tokens_to_image
 from arra_ds.generate.sampling import (
-    GRID_CELL_PIXELS,
     SamplingConfig,
     classifier_free_guidance,
     draw_uniforms,
@@ -38,7 +36,8 @@ from arra_ds.generate.sampling import (
     sample_generators,
     sample_top_k,
 )
-from arra_ds.model.vocab import ChameleonVocab
+from arra_ds.tokens.layout import ImageGrid, tokens_to_image
+from arra_ds.tokens.vocab import ChameleonVocab
 
 
 @dataclass
@@ -46,41 +45,6 @@ class SampleBatch:
     codes: torch.Tensor  # [B, h, w] int64 VQ codes (CPU)
     image_tokens: list[list[int]]  # per sample: <racm3:break> .. <eoss>
     text_tokens: list[list[int]] = field(default_factory=list)  # per sample: tokens drawn after <eoss>
-
-
-@dataclass
-class ImageLayout:
-    """Where the sampler draws and where it forces tokens, for an h x w code grid."""
-
-    code_height: int
-    code_width: int
-
-    @classmethod
-    def for_pixels(cls, height: int, width: int) -> "ImageLayout":
-        return cls(
-            height // GRID_CELL_PIXELS * CODES_PER_GRID_CELL,
-            width // GRID_CELL_PIXELS * CODES_PER_GRID_CELL,
-        )
-
-    @property
-    def body_length(self) -> int:
-        """Tokens after the grid tokens: h rows of (w codes + row end), then <eoss>."""
-        return self.code_height * (self.code_width + 1) + 1
-
-    def prefix(self, vocab: ChameleonVocab) -> list[int]:
-        return [
-            vocab.image_start_id,
-            vocab.grid_token_id(self.code_height // CODES_PER_GRID_CELL),
-            vocab.grid_token_id(self.code_width // CODES_PER_GRID_CELL),
-        ]
-
-    def forced_token(self, step: int, vocab: ChameleonVocab) -> int | None:
-        """The token forced at body position ``step`` (row end or <eoss>), None where a code is drawn."""
-        if step == self.body_length - 1:
-            return vocab.image_end_id
-        if step % (self.code_width + 1) == self.code_width:
-            return vocab.row_end_id
-        return None
 
 
 class ImageSampler:
@@ -95,7 +59,7 @@ class ImageSampler:
         self.backbone = backbone
         self.vocab = vocab
         self.cfg = cfg
-        self.layout = ImageLayout.for_pixels(cfg.height, cfg.width)
+        self.layout = ImageGrid.for_pixels(cfg.height, cfg.width)
         vocab_size = backbone.lm_head.weight.shape[0]
         image_mask = torch.zeros(vocab_size, dtype=torch.bool)  # [V]: image code tokens
         image_mask[vocab.image_token_ids] = True

@@ -18,13 +18,13 @@ order Hugging Face ``generate`` applies them there (custom processors first, tem
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-# Lumina-mGPT's image patch: one grid token counts 32 x 32 pixels (2 x 2 VQ codes of 16 px).
-GRID_CELL_PIXELS = 32
+from arra_ds.errors import ConfigError
+from arra_ds.tokens.layout import GRID_CELL_PX, is_valid_pixel_size
 
 
 @dataclass
@@ -42,8 +42,6 @@ class SamplingConfig:
     max_text_tokens: int = 0  # text sampled after <eoss> (text top-k, no guidance), until end of turn
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if self.guidance_scale <= 0:
             raise ConfigError(f"sampling.guidance_scale={self.guidance_scale} must be > 0 (1.0 = no guidance)")
         if self.image_top_k < 1 or self.text_top_k < 1:
@@ -53,10 +51,10 @@ class SamplingConfig:
         if self.temperature < 0:
             raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
         for key, value in (("height", self.height), ("width", self.width)):
-            if value < GRID_CELL_PIXELS or value % GRID_CELL_PIXELS:
+            if not is_valid_pixel_size(value):
                 raise ConfigError(
-                    f"sampling.{key}={value} must be a positive multiple of {GRID_CELL_PIXELS} "
-                    f"(one grid token = {GRID_CELL_PIXELS} px), e.g. 512"
+                    f"sampling.{key}={value} must be a positive multiple of {GRID_CELL_PX} "
+                    f"(one grid token = {GRID_CELL_PX} px), e.g. 512"
                 )
         if self.max_text_tokens < 0:
             raise ConfigError(f"sampling.max_text_tokens={self.max_text_tokens} must be >= 0")
@@ -66,8 +64,6 @@ class SamplingConfig:
         return self.guidance_scale != 1.0
 
     def as_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 

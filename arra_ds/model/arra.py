@@ -15,10 +15,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from arra_ds.model.backbone import GatherContext, no_gather, load_backbone
-from arra_ds.model.losses import IGNORE_INDEX, gva_loss
-from arra_ds.model.vocab import ChameleonVocab
-from kernels import ALIGN_MAX_FEATURE_DIM, use_fused_kernel
+from arra_ds.errors import ConfigError
+from arra_ds.kernels import ALIGN_MAX_FEATURE_DIM, gva_loss, projection_alignment_loss
+from arra_ds.model.backbone import GatherContext, ModelConfig, load_backbone, no_gather
+from arra_ds.tokens.layout import IGNORE_INDEX
+from arra_ds.tokens.vocab import ChameleonVocab
 
 
 @dataclass
@@ -44,8 +45,6 @@ class AlignConfig:
         return f"feat_{self.encoder}"
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if self.weight < 0:
             raise ConfigError(f"align.weight={self.weight} must be >= 0 (0 disables the alignment term)")
         if self.layer < 1:
@@ -58,22 +57,36 @@ class AlignConfig:
             raise ConfigError(f"align.encoder={self.encoder!r} must be a plain name such as biomedclip, clip, medsam")
 
 
+def training_flops_per_token(num_params_no_embedding: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Model FLOPs per token of a decoder-only transformer (PaLM appendix B), forward + backward:
+
+        6 * N + 12 * L * H * T
+
+    N counts every parameter except the input embeddings (the LM head is in), L layers, H hidden
+    size, T the sequence length (the attention score and value matmuls); recompute is not counted.
+    """
+    return 6.0 * num_params_no_embedding + 12.0 * num_layers * hidden_size * seq_len
+
+
 class AlignHead(nn.Module):
     """A_phi: [N, H] -> [N, D] and the GVA loss against one target per sample.
 
     ``mlp`` is Linear(H, D) - GELU - Linear(D, D) (the reference code's 2-layer mlp_gelu projector);
     ``maxpool`` is a parameter-free max-pool over the hidden dimension down to D.
     The loss is computed inside ``forward`` so that ZeRO-3 gathers fc1/fc2 for it. For the mlp
-    projector, ``fused_kernels`` (model.fused_kernels) may select the Triton kernel of
-    ``kernels.align_loss``, which computes the same loss without storing the [N, D] activations.
+    projector, ``fused_kernels`` (model.fused_kernels) may select the Triton kernel
+    (``arra_ds.kernels.projection_alignment_loss``), which never stores the [N, D] activations.
     """
 
     def __init__(self, hidden_size: int, feature_dim: int, projector: str, loss_kind: str, fused_kernels: str = "auto"):
         super().__init__()
         if projector == "maxpool" and feature_dim > hidden_size:
-            raise ValueError(f"maxpool projector cannot widen H={hidden_size} to D={feature_dim}")
+            raise ConfigError(
+                f"align.projector=maxpool cannot widen the hidden size H={hidden_size} to the feature width "
+                f"D={feature_dim}; use align.projector=mlp"
+            )
         if projector == "mlp" and fused_kernels == "on" and feature_dim > ALIGN_MAX_FEATURE_DIM:
-            raise ValueError(
+            raise ConfigError(
                 f"model.fused_kernels=on: the fused alignment kernel takes D <= {ALIGN_MAX_FEATURE_DIM}, "
                 f"this projector has D={feature_dim}; use model.fused_kernels=auto or off"
             )
@@ -92,24 +105,15 @@ class AlignHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, sample_idx: torch.Tensor, targets: torch.Tensor):
         # hidden [N, H], sample_idx [N], targets [B, D] -> (loss, mean cosine)
-        if (
-            self.projector == "mlp"
-            and self.feature_dim <= ALIGN_MAX_FEATURE_DIM
-            and use_fused_kernel(self.fused_kernels, hidden)
-        ):
-            from kernels.align_loss import fused_projection_loss  # imports Triton: only where the kernel runs
-
-            fc1, fc2 = self.fc1, self.fc2
-            return fused_projection_loss(
-                hidden, sample_idx, targets, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.loss_kind
-            )
-        projected = self.project(hidden)
-        loss, cos = gva_loss(projected, sample_idx, targets, self.loss_kind)
-        # With no rows, fc1/fc2 still ran on the empty [0, H] input and gva_loss returned a zero tied to
-        # ``projected``, so they stay in the graph and every rank runs the same ZeRO-3 collectives in
+        # With no rows, fc1/fc2 still run on the empty [0, H] input and the loss is a zero tied to
+        # their outputs, so they stay in the graph and every rank runs the same ZeRO-3 collectives in
         # backward. (Touching self.parameters() directly instead would see ZeRO-3's empty partitions:
         # a submodule's weights are gathered only while it is called.)
-        return loss, cos
+        if self.projector == "mlp":
+            return projection_alignment_loss(
+                hidden, sample_idx, targets, self.fc1, self.fc2, self.loss_kind, self.fused_kernels
+            )
+        return gva_loss(self.project(hidden), sample_idx, targets, self.loss_kind)
 
 
 def aligned_positions(
@@ -181,6 +185,20 @@ class ARRAModel(nn.Module):
             source = backbone.model.norm if align.layer == num_layers else backbone.model.layers[align.layer - 1]
             source.register_forward_hook(self._capture_hook)
 
+    def num_parameters(self) -> int:
+        """Total parameter count (under ZeRO-3 each parameter's full ``ds_numel``, not the local shard)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+
+    def non_embedding_parameters(self) -> int:
+        """Parameters without the input embeddings (the N of the FLOPs formula; the LM head is in)."""
+        embed = self.backbone.model.embed_tokens.weight
+        return self.num_parameters() - getattr(embed, "ds_numel", embed.numel())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the backbone at sequence length ``seq_len`` (for MFU)."""
+        config = self.backbone.config
+        return training_flops_per_token(self.non_embedding_parameters(), config.num_hidden_layers, config.hidden_size, seq_len)
+
     def _capture_hook(self, module, inputs, output):
         # Activation checkpointing re-runs the layer in backward; capture only in the real forward.
         if self._capturing:
@@ -231,10 +249,12 @@ class ARRAModel(nn.Module):
         )
 
 
-def build_model(cfg, dtype: torch.dtype = torch.float32, gather: GatherContext = no_gather) -> ARRAModel:
-    """RunConfig -> ARRAModel. ``cfg.align.feature_dim`` must already hold D (from the data)."""
-    backbone, vocab = load_backbone(cfg.model, dtype=dtype, gather=gather)
-    model = ARRAModel(backbone, vocab, cfg.align, cfg.model.fused_kernels)
+def build_model(
+    model_cfg: ModelConfig, align_cfg: AlignConfig, dtype: torch.dtype = torch.float32, gather: GatherContext = no_gather
+) -> ARRAModel:
+    """The backbone of ``model_cfg`` wrapped for ARRA; ``align_cfg.feature_dim`` must already hold D (from the data)."""
+    backbone, vocab = load_backbone(model_cfg, dtype=dtype, gather=gather)
+    model = ARRAModel(backbone, vocab, align_cfg, model_cfg.fused_kernels)
     if model.align_head is not None:
         model.align_head.to(dtype)
     return model

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Literal
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-from arra_ds.model.losses import chunked_lm_loss
-from arra_ds.model.vocab import ChameleonVocab, build_debug_tokenizer
-from kernels import triton_interpreter_enabled, use_fused_kernel
+from arra_ds.errors import ConfigError
+from arra_ds.kernels import lm_head_loss, triton_interpreter_enabled
+from arra_ds.tokens.vocab import ChameleonVocab, VocabError, build_debug_tokenizer
 
 GatherContext = Callable[[Iterable[nn.Parameter]], ContextManager]
 
@@ -44,8 +45,6 @@ class DebugModelConfig:
     vocab_size: int = 0  # 0 = the debug vocabulary rounded up to 64; 65536 gives Chameleon's LM-head shape
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.debug.hidden_size={self.hidden_size} must be divisible by "
@@ -76,8 +75,6 @@ class ModelConfig:
     fused_kernels: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if self.source == "debug":
             self.debug.validate()
         else:
@@ -130,8 +127,8 @@ class LMHeadWithLoss(nn.Module):
     """Chameleon's ``lm_head`` (same parameter name, ``lm_head.weight`` [V, H]).
 
     ``head(hidden)`` gives logits as ``nn.Linear`` does (generation); ``head(hidden, targets=y)``
-    gives the chunked CE + z-loss without full logits (the Triton kernel of ``kernels.lm_loss`` when
-    ``fused_kernels`` selects it, else the torch chunked version). The loss runs inside this
+    gives the chunked CE + z-loss without full logits (``arra_ds.kernels.lm_head_loss``: the Triton
+    kernel when ``fused_kernels`` selects it, else the torch chunked version). The loss runs inside this
     module's forward so ZeRO-3 gathers ``weight`` for it.
     """
 
@@ -153,11 +150,7 @@ class LMHeadWithLoss(nn.Module):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None):
         if targets is None:
             return nn.functional.linear(hidden, self.weight)
-        if use_fused_kernel(self.fused_kernels, hidden):
-            from kernels.lm_loss import fused_lm_loss  # imports Triton: only where the kernel runs
-
-            return fused_lm_loss(hidden, self.weight, targets, self.z_loss_weight, self.chunk_size)
-        return chunked_lm_loss(hidden, self.weight, targets, self.z_loss_weight, self.chunk_size)
+        return lm_head_loss(hidden, self.weight, targets, self.z_loss_weight, self.chunk_size, self.fused_kernels)
 
 
 def debug_chameleon_config(cfg: DebugModelConfig, attn_implementation: str) -> ChameleonConfig:
@@ -166,7 +159,10 @@ def debug_chameleon_config(cfg: DebugModelConfig, attn_implementation: str) -> C
     vocab_size = -(-len(vocabulary_map) // 64) * 64  # round up: friendlier matmul shapes
     if cfg.vocab_size:
         if cfg.vocab_size < len(vocabulary_map):
-            raise ValueError(f"model.debug.vocab_size={cfg.vocab_size} is smaller than the debug vocabulary ({len(vocabulary_map)})")
+            raise ConfigError(
+                f"model.debug.vocab_size={cfg.vocab_size} is smaller than the debug vocabulary ({len(vocabulary_map)}); "
+                "use 0 (the debug vocabulary rounded up to 64) or a larger size"
+            )
         vocab_size = cfg.vocab_size
     # A tiny VQ config: Chameleon's default would build a 70M-parameter VQGAN we drop anyway.
     vq_config = dict(
@@ -190,20 +186,67 @@ def debug_chameleon_config(cfg: DebugModelConfig, attn_implementation: str) -> C
     )
 
 
+def backbone_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> ChameleonConfig:
+    """The Hugging Face config of the backbone ``cfg`` describes (the debug preset is built in code)."""
+    if cfg.source == "debug":
+        hf_config = debug_chameleon_config(cfg.debug, attn_implementation)
+    else:
+        hf_config = ChameleonConfig.from_pretrained(cfg.path, local_files_only=True)
+        hf_config._attn_implementation = attn_implementation
+    hf_config.attention_dropout = cfg.attention_dropout
+    return hf_config
+
+
+def _vocab_of(config: ChameleonConfig, source: str) -> ChameleonVocab:
+    vocab = ChameleonVocab.from_model_config(config)
+    if vocab.vocab_size > config.vocab_size:
+        raise VocabError(
+            f"{source}: vocabulary_map has ids up to {vocab.vocab_size - 1} but the model's vocab_size is "
+            f"{config.vocab_size}; the config.json does not belong to these weights"
+        )
+    return vocab
+
+
+def _as_arra_backbone(model: ChameleonForConditionalGeneration, cfg: ModelConfig) -> ChameleonForConditionalGeneration:
+    """Drop the VQ model (pre-tokenised data never needs it) and give the LM head its fused loss."""
+    if hasattr(model.model, "vqmodel"):
+        del model.model.vqmodel
+    model.config.use_cache = False
+    model.lm_head = LMHeadWithLoss(model.lm_head.weight, cfg.z_loss_weight, cfg.lm_loss_chunk_size, cfg.fused_kernels)
+    return model
+
+
+def skeleton_like(hf_config: ChameleonConfig, dtype: torch.dtype, cfg: ModelConfig | None = None) -> ChameleonForConditionalGeneration:
+    """A backbone of ``hf_config`` with its parameters on the meta device, shaped as ``load_backbone`` builds it (no vqmodel,
+    ``LMHeadWithLoss`` head): the module a checkpoint's tensors are assigned or copied into."""
+    # parameters on the meta device, buffers (rotary frequencies, not in any state dict) real
+    with init_empty_weights(include_buffers=False):
+        model = ChameleonForConditionalGeneration._from_config(hf_config, dtype=dtype)
+    return _as_arra_backbone(model, cfg or ModelConfig())
+
+
+def build_backbone_skeleton(
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32
+) -> tuple[ChameleonForConditionalGeneration, ChameleonVocab]:
+    """(backbone of ``cfg`` on the meta device, vocab); see ``skeleton_like``."""
+    hf_config = backbone_config(cfg, resolve_attn_implementation(cfg.attn_implementation))
+    model = skeleton_like(hf_config, dtype, cfg)
+    return model, _vocab_of(model.config, cfg.path or "debug model")
+
+
 def load_backbone(
     cfg: ModelConfig,
     dtype: torch.dtype = torch.float32,
     gather: GatherContext = no_gather,
 ) -> tuple[ChameleonForConditionalGeneration, ChameleonVocab]:
-    """Build or load the Chameleon backbone; returns (model, vocab).
+    """Build (debug: random init) or load (from_pretrained) the Chameleon backbone; returns (model, vocab).
 
-    The returned model has no ``vqmodel`` (pre-tokenised data never needs it) and its ``lm_head``
-    is an ``LMHeadWithLoss``. Image-token logits are never masked (we do not call HF's forward).
+    The returned model has no ``vqmodel`` and its ``lm_head`` is an ``LMHeadWithLoss``. Image-token
+    logits are never masked (we do not call HF's forward).
     """
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.source == "debug":
-        hf_config = debug_chameleon_config(cfg.debug, attn)
-        hf_config.attention_dropout = cfg.attention_dropout
+        hf_config = backbone_config(cfg, attn)
         # Build without padding_idx: under zero.Init the embedding is already partitioned when HF's
         # init zeroes the padding row, which then fails. The pad row gets no gradient either way
         # (padded positions are masked out of attention and carry label -100).
@@ -220,16 +263,8 @@ def load_backbone(
             local_files_only=True,
             use_safetensors=None,
         )
-    if hasattr(model.model, "vqmodel"):
-        del model.model.vqmodel
-    model.config.use_cache = False
-
-    vocab = ChameleonVocab.from_model_config(model.config)
-    if vocab.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"vocabulary_map has ids up to {vocab.vocab_size - 1} but the model's vocab_size is {model.config.vocab_size}"
-        )
-    model.lm_head = LMHeadWithLoss(model.lm_head.weight, cfg.z_loss_weight, cfg.lm_loss_chunk_size, cfg.fused_kernels)
+    model = _as_arra_backbone(model, cfg)
+    vocab = _vocab_of(model.config, cfg.path or "debug model")
 
     if cfg.zero_image_head():
         # Chameleon-7B was released without image generation: its image rows are untrained. Start

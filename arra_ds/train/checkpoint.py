@@ -1,21 +1,10 @@
-"""Atomic, verifiable training checkpoints with retention and a disk-space guard.
+"""Writing training checkpoints: atomic commit, retention, a disk-space guard, and resume.
 
-Layout of ``<output_dir>/checkpoints/``:
-
-    latest                     the tag of the newest complete checkpoint (replaced atomically)
-    step_00000100/             a complete checkpoint:
-      *_model_states.pt, *_optim_states.pt   DeepSpeed engine state (under ZeRO-3 one pair per rank)
-      rng_rank_00000.pt ...    each rank's RNG states (loaded with torch.load(weights_only=True))
-      trainer_state.json       step, samples seen, streaming loader state, skip counters, world size
-      manifest.json            every file with its size, the commit order and time; written last
-    step_00000200.partial/     a save in progress, or one interrupted by a crash: never loaded
-
-A save writes everything into ``<tag>.partial``, fsyncs it (every node flushes the files its ranks
-wrote), writes the manifest, renames the directory to ``<tag>`` and only then replaces ``latest``
-(write a temp file, fsync, rename, fsync the directory). A crash at any point leaves ``latest``
-naming the previous complete checkpoint. On load the manifest (file sizes) and the zip CRCs of the
-torch files are checked first, so a truncated, deleted or corrupt file is reported by name instead of
-failing deep inside ``torch.load`` (or, worse, loading wrong weights without any error).
+The layout, manifests and verification are ``arra_ds/checkpoints.py``. A save writes everything into
+``<tag>.partial``, fsyncs it (every node flushes the files its ranks wrote), writes the manifest,
+renames the directory to ``<tag>`` and only then replaces ``latest`` (write a temp file, fsync,
+rename, fsync the directory). A crash at any point leaves ``latest`` naming the previous complete
+checkpoint.
 
 All functions are called on every rank (they contain barriers); only rank 0 touches shared files.
 """
@@ -25,35 +14,39 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from arra_ds import dist
+from arra_ds import distributed
+from arra_ds.checkpoints import (
+    LATEST,
+    MANIFEST,
+    PARTIAL_SUFFIX,
+    REPLACED_SUFFIX,
+    TRAINER_STATE,
+    CheckpointError,
+    FORMAT_VERSION,
+    check_contents,
+    committed,
+    read_latest,
+    read_manifest,
+    rng_file,
+    tag_for,
+    verify,
+)
+from arra_ds.io import atomic_write, atomic_write_json, fsync_dir, fsync_tree
 
-LATEST = "latest"
-MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.json"
-PARTIAL_SUFFIX = ".partial"
-REPLACED_SUFFIX = ".replaced"
-FORMAT_VERSION = 1
-_TAG = re.compile(r"^step_(\d{8})$")
 # Without a previous checkpoint to measure: fp32 master weights + Adam's two moments (4 B each) and
 # the module's own weights (up to 4 B) per parameter.
 BYTES_PER_PARAM_ESTIMATE = 16
 # Test hook: every rank kills itself with SIGKILL in the middle of writing this step's checkpoint.
 KILL_DURING_SAVE_ENV = "ARRA_DS_TEST_KILL_DURING_SAVE"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the file and what to do."""
 
 
 @dataclass
@@ -66,10 +59,6 @@ class TrainerState:
     truncated_overlong: int = 0  # data.overlong=truncate, summed over ranks
     loader: dict = field(default_factory=dict)  # StreamingDataLoader.state_dict()
     world_size: int = 1
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 # ---- RNG states (per rank) --------------------------------------------------------------------
@@ -105,157 +94,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _rng_file(rank: int) -> str:
-    return f"rng_rank_{rank:05d}.pt"
-
-
-# ---- small durable-write helpers ----------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for path in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-        _fsync_dir(path)
-
-
-def _any_rank(flag: bool) -> bool:
-    return bool(dist.all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64))[0] > 0)
-
-
-# ---- reading --------------------------------------------------------------------------------------
-
-
-def read_latest(root: Path) -> str | None:
-    path = Path(root) / LATEST
-    if not path.is_file():
-        return None
-    return path.read_text().strip() or None
-
-
-def read_manifest(ckpt_dir: Path) -> dict:
-    path = Path(ckpt_dir) / MANIFEST
-    if not path.is_file():
-        partial = " (an interrupted save?)" if str(ckpt_dir).endswith(PARTIAL_SUFFIX) else ""
-        raise CheckpointError(
-            f"{ckpt_dir} is not a complete arra_ds checkpoint{partial}: {MANIFEST} is missing. "
-            f"Complete checkpoints next to it: {[p.name for p in committed(Path(ckpt_dir).parent)] or 'none'}"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["files"], manifest["step"], manifest["world_size"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e}); the checkpoint {ckpt_dir} cannot be trusted") from e
-    return manifest
-
-
-def verify(ckpt_dir: Path) -> dict:
-    """Check that every file the manifest lists exists with its recorded size; return the manifest."""
-    ckpt_dir = Path(ckpt_dir)
-    manifest = read_manifest(ckpt_dir)
-    for rel, size in manifest["files"].items():
-        path = ckpt_dir / rel
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing (listed in {ckpt_dir / MANIFEST})")
-        actual = path.stat().st_size
-        if actual != size:
-            raise CheckpointError(
-                f"checkpoint file {path} is {actual} bytes, but {size} bytes were written (truncated or overwritten); "
-                f"resume from another checkpoint with train.resume=<dir>. Complete checkpoints: "
-                f"{[p.name for p in committed(ckpt_dir.parent) if p != ckpt_dir] or 'none'}"
-            )
-    return manifest
-
-
-def committed(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root`` (tag dirs with a manifest), oldest commit first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        if path.is_dir() and _TAG.match(path.name) and (path / MANIFEST).is_file():
-            try:
-                sequence = int(json.loads((path / MANIFEST).read_text())["sequence"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
-            found.append((sequence, path.name, path))
-    return [p for _, _, p in sorted(found)]
-
-
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    """``train.resume`` -> the checkpoint directory to load, or None for a fresh start."""
-    if not resume:
-        return None
-    if resume == "auto":
-        tag = read_latest(root)
-        if tag is None:
-            return None
-        path = Path(root) / tag
-        if not path.is_dir():
-            raise CheckpointError(
-                f"{Path(root) / LATEST} names {tag!r}, but {path} does not exist. Complete checkpoints: "
-                f"{[p.name for p in committed(root)] or 'none'}; pick one with train.resume=<dir>"
-            )
-        return path
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"train.resume={resume}: no such checkpoint directory")
-    return path
-
-
-def check_contents(ckpt_dir: Path, manifest: dict, rank: int = 0, world: int = 1) -> None:
-    """CRC-check this rank's share (every ``world``-th) of the checkpoint's torch files.
-
-    ``torch.save`` writes zip archives with a CRC32 per member, but ``torch.load`` does not check
-    them, so a flipped byte inside a tensor would load silently as a wrong weight. Checking reads the
-    files once; spread over the ranks, each reads 1/world of the checkpoint.
-    """
-    torch_files = sorted(rel for rel in manifest["files"] if rel.endswith(".pt"))
-    for rel in torch_files[rank::world]:
-        path = Path(ckpt_dir) / rel
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"checkpoint file {path} is unreadable ({e})") from e
-        if bad is not None:
-            raise CheckpointError(
-                f"checkpoint file {path} is corrupt: its member {bad} fails the CRC check; resume from another "
-                f"checkpoint with train.resume=<dir>. Complete checkpoints: "
-                f"{[p.name for p in committed(Path(ckpt_dir).parent) if p != Path(ckpt_dir)] or 'none'}"
-            )
-
-
 def load_checkpoint(engine, ckpt_dir: Path) -> TrainerState:
     """Restore the engine, this rank's RNG states and the trainer state from ``ckpt_dir``."""
     ckpt_dir = Path(ckpt_dir)
     manifest = verify(ckpt_dir)
-    world = dist.world_size()
+    world = distributed.world_size()
     if manifest["world_size"] != world:
         raise CheckpointError(
             f"checkpoint {ckpt_dir} was written by {manifest['world_size']} ranks, this run has {world}: ZeRO-3 "
@@ -264,16 +107,16 @@ def load_checkpoint(engine, ckpt_dir: Path) -> TrainerState:
         )
     problem = None
     try:
-        check_contents(ckpt_dir, manifest, dist.rank(), world)
+        check_contents(ckpt_dir, manifest, distributed.rank(), world)
     except CheckpointError as e:
         problem = e
-    if _any_rank(problem is not None):  # every rank stops, none waits in a collective
+    if distributed.any_rank(problem is not None):  # every rank stops, none waits in a collective
         raise problem or CheckpointError(f"checkpoint {ckpt_dir} has a corrupt file (named in another rank's error)")
     try:
         engine.load(ckpt_dir.parent, ckpt_dir.name)
     except Exception as e:  # DeepSpeed's own errors do not always name the file
         raise CheckpointError(f"cannot load the DeepSpeed state of checkpoint {ckpt_dir}: {type(e).__name__}: {e}") from e
-    rng_path = ckpt_dir / _rng_file(dist.rank())
+    rng_path = ckpt_dir / rng_file(distributed.rank())
     try:
         set_rng_state(torch.load(rng_path, weights_only=True))
     except Exception as e:
@@ -319,15 +162,15 @@ def _commit(root: Path, partial: Path, tag: str, state: TrainerState) -> Path:
         "committed_at": time.time(),
         "files": files,
     }
-    _write_durably(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write(partial / MANIFEST, json.dumps(manifest, indent=1), durable=True)
     final = root / tag
     replaced = root / (tag + REPLACED_SUFFIX)
     if final.exists():  # same step saved before (a resume from an older checkpoint)
         shutil.rmtree(replaced, ignore_errors=True)
         final.rename(replaced)
     partial.rename(final)
-    _fsync_dir(root)
-    _write_durably(root / LATEST, tag.encode())
+    fsync_dir(root)
+    atomic_write(root / LATEST, tag, durable=True)
     shutil.rmtree(replaced, ignore_errors=True)
     return final
 
@@ -351,25 +194,25 @@ def save_checkpoint(engine, root: Path, state: TrainerState, keep_last: int) -> 
     root = Path(root)
     tag = tag_for(state.step)
     partial = root / (tag + PARTIAL_SUFFIX)
-    if dist.is_rank0():
+    if distributed.is_rank0():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    dist.barrier()
+    distributed.barrier()
     engine.save(root, partial.name)
     if os.environ.get(KILL_DURING_SAVE_ENV) == str(state.step):
         os.kill(os.getpid(), signal.SIGKILL)
-    torch.save(rng_state(), partial / _rng_file(dist.rank()))
-    if dist.is_rank0():
-        (partial / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
-    dist.barrier()
-    if dist.local_rank() == 0:  # each node flushes what its ranks wrote (shared file systems cache per node)
-        _fsync_tree(partial)
-    dist.barrier()
+    torch.save(rng_state(), partial / rng_file(distributed.rank()))
+    if distributed.is_rank0():
+        atomic_write_json(partial / TRAINER_STATE, asdict(state))
+    distributed.barrier()
+    if distributed.local_rank() == 0:  # each node flushes what its ranks wrote (shared file systems cache per node)
+        fsync_tree(partial)
+    distributed.barrier()
     final = root / tag
-    if dist.is_rank0():
+    if distributed.is_rank0():
         final = _commit(root, partial, tag, state)
         prune(root, keep_last)
-    dist.barrier()
+    distributed.barrier()
     return final
 
 
@@ -394,10 +237,10 @@ def ensure_disk_space(root: Path, num_params: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     needed, how = estimate_checkpoint_bytes(root, num_params)
     free = shutil.disk_usage(root).free
-    if _any_rank(free < needed):
+    if distributed.any_rank(free < needed):
         raise CheckpointError(
             f"not enough disk space for the next checkpoint in {root}: it needs about {needed / 2**30:.2f} GiB "
-            f"({needed:,} bytes, {how}); rank {dist.rank()} sees {free / 2**30:.2f} GiB ({free:,} bytes) free"
+            f"({needed:,} bytes, {how}); rank {distributed.rank()} sees {free / 2**30:.2f} GiB ({free:,} bytes) free"
             f"{'' if free < needed else ', another rank less'}. Free space, lower train.keep_last, or set "
             "output_dir to a larger file system"
         )

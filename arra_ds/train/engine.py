@@ -16,36 +16,34 @@ import json
 from pathlib import Path
 from typing import Any, ContextManager, Iterable
 
+import deepspeed
 import torch
+from transformers.integrations import HfDeepSpeedConfig
 
-from arra_ds import dist
-from arra_ds.model.arra import ARRAModel, ARRAOutput, build_model
-from arra_ds.model.backbone import no_gather
-from arra_ds.train.optim import param_groups
+from arra_ds import distributed
+from arra_ds.errors import UserError
+from arra_ds.model.arra import AlignConfig, ARRAModel, ARRAOutput, build_model
+from arra_ds.model.backbone import ModelConfig, no_gather
+from arra_ds.train.run_config import TrainConfig
+from arra_ds.train.optim import OptimConfig, param_groups
 
 AUTO = "auto"
 
 
-class DSConfigError(ValueError):
+class DSConfigError(UserError, ValueError):
     """The DeepSpeed JSON contradicts the run config; the message names both values."""
 
 
 def init_distributed() -> None:
-    """Start the process group (gloo on CPU, nccl on GPU) from the launcher's environment."""
-    import deepspeed
-
-    if dist.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank())
-    else:
+    """Start the process group (``arra_ds.distributed``: also without a launcher) and hand it to DeepSpeed."""
+    if not torch.cuda.is_available():
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (minutes on first use) and maps a
         # 69 MB /dev/shm buffer per rank that it never unlinks; only inference_all_reduce uses it, and
         # training collectives go through gloo. Skipping it keeps /dev/shm from filling up run by run.
         # (import_module: the package attribute deepspeed.comm.torch is the torch module itself)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend=backend)
+    distributed.init_process_group(even_alone=True)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
 def load_ds_config(path: str | Path) -> dict:
@@ -56,14 +54,6 @@ def load_ds_config(path: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DSConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
-
-
-def resolve_precision(requested: str) -> str:
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
-    if requested == "bf16" and not torch.cuda.is_available():
-        raise DSConfigError("train.precision=bf16 needs a GPU; on CPU use train.precision=fp32 (or auto)")
-    return requested
 
 
 def _fill(section: dict, key: str, value: Any, where: str, source: str) -> None:
@@ -78,14 +68,13 @@ def _fill(section: dict, key: str, value: Any, where: str, source: str) -> None:
         )
 
 
-def fill_ds_config(ds_config: dict, cfg, world_size: int, hidden_size: int) -> dict:
+def fill_ds_config(ds_config: dict, train: TrainConfig, optim: OptimConfig, world_size: int, hidden_size: int) -> dict:
     """Fill the "auto" fields of a DeepSpeed JSON from the run config (the one place that does).
 
     Batch sizes, gradient clipping, precision, optimizer hyper-parameters and the ZeRO-3 bucket
     sizes (scaled with the hidden size, as Hugging Face's integration does).
     """
     ds = copy.deepcopy(ds_config)
-    train, optim = cfg.train, cfg.optim
     micro = train.micro_batch_size
     accum = train.grad_accum_steps(world_size)
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "", "train.micro_batch_size")
@@ -93,9 +82,9 @@ def fill_ds_config(ds_config: dict, cfg, world_size: int, hidden_size: int) -> d
     _fill(ds, "train_batch_size", micro * accum * world_size, "", "train.global_batch_size")
     _fill(ds, "gradient_clipping", float(optim.grad_clip), "", "optim.grad_clip")
 
-    precision = resolve_precision(train.precision)
+    dtype = distributed.compute_dtype(train.precision)
     bf16 = ds.setdefault("bf16", {})
-    _fill(bf16, "enabled", precision == "bf16", "bf16", "train.precision")
+    _fill(bf16, "enabled", dtype == torch.bfloat16, "bf16", "train.precision")
     if ds.get("fp16", {}).get("enabled") not in (None, False, AUTO):
         raise DSConfigError("fp16 is not supported (Chameleon trains in bf16); set fp16.enabled=false, use bf16")
     ds.setdefault("fp16", {})["enabled"] = False
@@ -162,29 +151,23 @@ def _offloads_optimizer(ds_config: dict) -> bool:
 
 def _gather_for_edit(params):
     """ZeRO-3: the full tensors of ``params`` on every rank; rank 0's edits are kept on exit."""
-    import deepspeed
-
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
 
 
 class Engine:
     """The DeepSpeed engine behind a small interface the loop needs (forward/backward/step/save)."""
 
-    def __init__(self, cfg, ds_config: dict):
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        self.cfg = cfg
+    def __init__(self, model_cfg: ModelConfig, align_cfg: AlignConfig, optim_cfg: OptimConfig, ds_config: dict):
         self.ds_config = ds_config
         self.precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         zero3 = zero_stage(ds_config) == 3
         # Must stay referenced while the model is built: transformers reads it through a weakref.
         hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
-        model = build_model(cfg, dtype=dtype, gather=_gather_for_edit if zero3 else no_gather)
+        model = build_model(model_cfg, align_cfg, dtype=dtype, gather=_gather_for_edit if zero3 else no_gather)
         del hf_ds_config
 
-        groups = param_groups(model, cfg.optim.weight_decay)
+        groups = param_groups(model, optim_cfg.weight_decay)
         optimizer = None
         # On CPU without offload DeepSpeed would JIT-compile its C++ Adam; torch's AdamW is the same
         # update and needs no compiler. With a GPU (FusedAdam) or ZeRO-Offload (CPUAdam) DeepSpeed builds it.
@@ -237,8 +220,6 @@ class Engine:
         below ZeRO-3 parameters are whole already. Used to copy weights into an inference model."""
         if zero_stage(self.ds_config) != 3:
             return contextlib.nullcontext()
-        import deepspeed
-
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
     # ---- checkpoints (layout, atomic commit and verification: arra_ds/train/checkpoint.py) -------
@@ -252,5 +233,4 @@ class Engine:
             raise FileNotFoundError(f"DeepSpeed found no model states for {Path(ckpt_root) / tag}")
 
     def num_parameters(self) -> int:
-        """Total parameter count (under ZeRO-3 each parameter's full ``ds_numel``, not the local shard)."""
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        return self.model.num_parameters()

@@ -20,65 +20,35 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+from safetensors import safe_open
+from transformers import ChameleonForConditionalGeneration, PreTrainedTokenizerFast
 
-from arra_ds.model.backbone import ModelConfig, debug_chameleon_config
-from arra_ds.train.checkpoint import CheckpointError
-from arra_ds.train.checkpoint_io import consolidated_state_dict, resolve_checkpoint
+from arra_ds.checkpoints import CheckpointError, read_trained_backbone
+from arra_ds.model.backbone import ModelConfig, backbone_config
+from arra_ds.tokens.vocab import BOS, EOS, PAD, build_debug_tokenizer
+from arra_ds.tokens.vqgan import HF_VQ_PREFIX
 
-BACKBONE_PREFIX = "backbone."
-PROJECTOR_PREFIX = "align_head."
-VQ_PREFIX = "model.vqmodel."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-
-
-def backbone_config(model_cfg: ModelConfig) -> ChameleonConfig:
-    """The Hugging Face config of the trained backbone (what ``load_backbone`` built or loaded)."""
-    if model_cfg.source == "debug":
-        return debug_chameleon_config(model_cfg.debug, attn_implementation="sdpa")
-    return ChameleonConfig.from_pretrained(model_cfg.path, local_files_only=True)
-
-
-def split_backbone(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """ARRAModel state dict -> (Hugging Face backbone state dict, dropped projector keys)."""
-    backbone, dropped = {}, []
-    for name, tensor in state.items():
-        if name.startswith(BACKBONE_PREFIX):
-            backbone[name[len(BACKBONE_PREFIX) :]] = tensor
-        elif name.startswith(PROJECTOR_PREFIX):
-            dropped.append(name)
-        else:
-            raise CheckpointError(
-                f"unexpected parameter {name!r} in the checkpoint: an ARRAModel has only {BACKBONE_PREFIX}* and "
-                f"{PROJECTOR_PREFIX}* parameters"
-            )
-    return backbone, dropped
 
 
 def source_vq_weights(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """``model.vqmodel.*`` tensors of the source checkpoint's safetensors files (empty if it has none)."""
     if model_cfg.source == "debug":
         return {}
-    from safetensors import safe_open
-
     tensors = {}
     for path in sorted(Path(model_cfg.path).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                if name.startswith(VQ_PREFIX):
+                if name.startswith(HF_VQ_PREFIX):
                     tensors[name] = f.get_tensor(name)
     return tensors
 
 
 def _write_tokenizer(model_cfg: ModelConfig, out_dir: Path) -> list[str]:
     if model_cfg.source == "debug":
-        from transformers import PreTrainedTokenizerFast
-
-        from arra_ds.model.vocab import build_debug_tokenizer
-
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=build_debug_tokenizer(num_image_codes=model_cfg.debug.num_image_codes),
-            bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+            bos_token=BOS, eos_token=EOS, pad_token=PAD,
         )
         tokenizer.save_pretrained(str(out_dir))
         return ["tokenizer.json"]
@@ -90,32 +60,24 @@ def _write_tokenizer(model_cfg: ModelConfig, out_dir: Path) -> list[str]:
     return copied
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, run_config=None) -> dict:
+def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> dict:
     """Write ``out_dir`` as a Hugging Face Chameleon model from a training checkpoint.
 
-    ``checkpoint``: a run directory, its ``checkpoints`` directory or one ``step_<n>`` directory.
+    ``checkpoint``: a run directory, its ``checkpoints`` directory or one ``step_<n>`` directory; only
+    the ``model`` section of the run's config.yaml is read (the training data need not be there).
     ``dtype``: weights dtype in the export (None keeps the fp32 master weights).
-    ``run_config``: the RunConfig the checkpoint was trained with (default: the run's config.yaml).
     Returns a summary (also written to ``out_dir/arra_export.json``).
     """
-    from arra_ds.config import load_config
-
-    ref = resolve_checkpoint(checkpoint)
-    if run_config is None:
-        if not ref.run_config_path.is_file():
-            raise CheckpointError(
-                f"{ref.run_config_path} not found: pass the run config the checkpoint was trained with (--config)"
-            )
-        run_config = load_config(ref.run_config_path)
-    hf_config = backbone_config(run_config.model)
-    backbone, dropped = split_backbone(consolidated_state_dict(ref, dtype))
-    vq = {k: (v.to(dtype) if dtype is not None else v) for k, v in source_vq_weights(run_config.model).items()}
+    trained = read_trained_backbone(checkpoint, dtype)
+    ref, model_cfg, backbone, dropped = trained.ref, trained.model_cfg, trained.state_dict, trained.dropped
+    hf_config = backbone_config(model_cfg)
+    vq = {k: (v.to(dtype) if dtype is not None else v) for k, v in source_vq_weights(model_cfg).items()}
     backbone.update(vq)
 
     with torch.device("meta"):
         skeleton = ChameleonForConditionalGeneration(hf_config)
     expected = set(skeleton.state_dict())
-    missing = sorted(k for k in expected - set(backbone) if not k.startswith(VQ_PREFIX))
+    missing = sorted(k for k in expected - set(backbone) if not k.startswith(HF_VQ_PREFIX))
     unexpected = sorted(set(backbone) - expected)
     if missing or unexpected:
         raise CheckpointError(
@@ -128,7 +90,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
     out_dir.mkdir(parents=True, exist_ok=True)
     skeleton.config = hf_config
     skeleton.save_pretrained(str(out_dir), state_dict=backbone, safe_serialization=True, max_shard_size="5GB")
-    tokenizer_files = _write_tokenizer(run_config.model, out_dir)
+    tokenizer_files = _write_tokenizer(model_cfg, out_dir)
     summary = {
         "checkpoint": str(ref.path),
         "step": ref.step,

@@ -1,10 +1,4 @@
-"""Model FLOPs per token (PaLM appendix B) and peak device throughput, for MFU.
-
-    flops/token = 6 * N + 12 * L * H * T   (training: forward + backward, no recompute counted)
-
-N counts every parameter except the input embeddings (the LM head is in), L layers, H hidden size,
-T the sequence length (the attention score and value matmuls).
-"""
+"""Peak device throughput, for MFU (the model's FLOPs per token: ``ARRAModel.flops_per_token``)."""
 
 from __future__ import annotations
 
@@ -21,10 +15,6 @@ PEAK_BF16_TFLOPS = {
     "A6000 Ada": 182.0,
     "RTX 6000 Ada": 182.0,
 }
-
-
-def training_flops_per_token(num_params_no_embedding: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
-    return 6.0 * num_params_no_embedding + 12.0 * num_layers * hidden_size * seq_len
 
 
 def peak_flops(device_name: str | None = None) -> float | None:

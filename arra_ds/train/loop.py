@@ -16,61 +16,45 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from arra_ds import dist
+from arra_ds import distributed
+from arra_ds.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE, resolve_resume
+from arra_ds.config import save_config
+from arra_ds.data.loader import (
+    DataConfig,
+    build_dataloader,
+    build_dataset,
+    feature_dim_of,
+    remove_stale_shared_memory,
+    resolve_feature_dim,
+    streaming_location,
+)
+from arra_ds.demo.config import DemoDataConfig
+from arra_ds.demo.dataset import demo_dir, write_demo_dataset
+from arra_ds.errors import UserError
+from arra_ds.eval.train_eval import TrainEvaluator
+from arra_ds.io import atomic_write_json
+from arra_ds.model.arra import ARRAModel
+from arra_ds.model.backbone import ModelConfig
+from arra_ds.train import checkpoint as ckpt
+from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config
+from arra_ds.train.flops import peak_flops
+from arra_ds.train.metrics import MetricsLogger
+from arra_ds.train.optim import lr_at
+from arra_ds.train.preemption import PreemptionWatcher
+from arra_ds.train.run_config import RunConfig
+from arra_ds.train.sample_log import SampleLog
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int = 200
-    micro_batch_size: int = 8  # per rank
-    global_batch_size: int = 0  # samples per optimizer step over all ranks; 0 = micro * world
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on preemption)
-    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after each save; 0 keeps all
-    eval_every: int = 0  # steps between in-training evaluations (sample grid + FID, see eval.*); 0 = off
-    resume: str = ""  # "" (fresh), "auto" (latest checkpoint in output_dir if any) or a checkpoint dir
-    log_samples: bool = False  # write the uids of every micro-batch to <output_dir>/samples/ (audits)
-    tensorboard: bool = True
-    progress_bar: bool = True
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became NaN/inf: the run stops before the update (exit code 3); the message says what to try."""
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        from arra_ds.config import ConfigError
-
-        per_pass = self.micro_batch_size * world_size
-        if not self.global_batch_size:
-            return 1
-        if self.global_batch_size % per_pass:
-            raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} is not a multiple of train.micro_batch_size "
-                f"({self.micro_batch_size}) x ranks ({world_size}) = {per_pass}"
-            )
-        return self.global_batch_size // per_pass
-
-    def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
-        if self.max_steps < 1 or self.micro_batch_size < 1 or self.log_every < 1:
-            raise ConfigError("train.max_steps, train.micro_batch_size and train.log_every must be >= 1")
-        if min(self.save_every, self.global_batch_size, self.keep_last, self.eval_every) < 0:
-            raise ConfigError("train.save_every, train.global_batch_size, train.keep_last and train.eval_every must be >= 0")
-        if self.global_batch_size and self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size={self.micro_batch_size}"
-            )
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+    exit_code = 3
 
 
 # Per micro-step statistics, summed over ranks with one all-reduce. The preemption flag rides along,
@@ -94,67 +78,61 @@ def _batches(loader):
             yield batch
 
 
-def _model_flops_per_token(model, seq_len: int) -> float:
-    from arra_ds.train.flops import training_flops_per_token
+def resolve_data_path(data: DataConfig, demo: DemoDataConfig, seed: int) -> str:
+    """The MDS location to read; ``data.path=demo`` is built on first use (local rank 0 of each node
+    writes it into the cache, the other ranks wait). Call on every rank."""
+    remove_stale_shared_memory()
+    if not data.is_demo:
+        return data.path
+    location = demo_dir(demo, seed)
+    if distributed.local_rank() == 0:
+        write_demo_dataset(location, demo, seed)
+    distributed.barrier()
+    return str(location)
 
-    config = model.backbone.config
-    embed = model.backbone.model.embed_tokens.weight
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    non_embedding = total - getattr(embed, "ds_numel", embed.numel())
-    return training_flops_per_token(non_embedding, config.num_hidden_layers, config.hidden_size, seq_len)
+
+def backbone_hidden_size(model: ModelConfig) -> int:
+    if model.source == "debug":
+        return model.debug.hidden_size
+    return int(json.loads((Path(model.path) / "config.json").read_text())["hidden_size"])
 
 
-def run_training(cfg, ds_config_path: str | Path) -> dict:
+def run_training(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     """Train per ``cfg`` (a validated RunConfig) with the DeepSpeed JSON at ``ds_config_path``."""
-    from arra_ds.train.engine import init_distributed
-    from arra_ds.train.preemption import PreemptionWatcher
-
     init_distributed()
     # Installed before anything slow: a signal during start-up must not kill the job unsaved.
     with PreemptionWatcher() as watcher:
         return _train(cfg, ds_config_path, watcher)
 
 
-def _train(cfg, ds_config_path, watcher) -> dict:
-    from arra_ds.config import save_config
-    from arra_ds.data.loader import build_dataloader, build_dataset, feature_dim_of, prepare_data_dir, resolve_feature_dim
-    from arra_ds.train import checkpoint as ckpt
-    from arra_ds.train.engine import Engine, fill_ds_config, load_ds_config
-    from arra_ds.train.flops import peak_flops
-    from arra_ds.train.metrics import MetricsLogger
-    from arra_ds.train.optim import lr_at
-    from arra_ds.train.sample_log import SampleLog
-
-    dist.seed_everything(cfg.seed)
-    world = dist.world_size()
-    is_rank0 = dist.is_rank0()
+def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatcher) -> dict:
+    distributed.seed_everything(cfg.seed)
+    world = distributed.world_size()
+    is_rank0 = distributed.is_rank0()
     run_dir = Path(cfg.output_dir)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / CHECKPOINTS_DIR
     micro = cfg.train.micro_batch_size
     accum = cfg.train.grad_accum_steps(world)
 
     # ---- data (D comes from it) -----------------------------------------------------------------
-    remote, local = prepare_data_dir(cfg.data, cfg.seed)
+    remote, local = streaming_location(cfg.data, resolve_data_path(cfg.data, cfg.demo, cfg.seed))
     feature_column = cfg.align.feature_column if cfg.align.enabled else None
     dataset = build_dataset(cfg.data, micro, cfg.seed, feature_column, remote, local)
     if cfg.align.enabled:
         cfg.align.feature_dim = resolve_feature_dim(cfg.align, feature_dim_of(dataset, feature_column))
         dataset.converter.feature_dim = cfg.align.feature_dim  # every later sample must have this width
 
-    hidden_size = cfg.model.debug.hidden_size if cfg.model.source == "debug" else None
-    if hidden_size is None:
-        hidden_size = int(json.loads((Path(cfg.model.path) / "config.json").read_text())["hidden_size"])
-    ds_config = fill_ds_config(load_ds_config(ds_config_path), cfg, world, hidden_size)
+    ds_config = fill_ds_config(load_ds_config(ds_config_path), cfg.train, cfg.optim, world, backbone_hidden_size(cfg.model))
     if is_rank0:
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        save_config(cfg, run_dir / RUN_CONFIG_FILE)
+        atomic_write_json(run_dir / "ds_config.json", ds_config)
 
     # Seed right before the model is built: the initialisation must not depend on whether this
     # process built the demo data set (which draws random numbers) or found it in the cache.
-    dist.seed_everything(cfg.seed)
-    engine = Engine(cfg, ds_config)  # identical initialisation on every rank
-    model = engine.model
-    dist.seed_everything(dist.rank_seed(cfg.seed))  # then each rank draws its own dropout masks
+    distributed.seed_everything(cfg.seed)
+    engine = Engine(cfg.model, cfg.align, cfg.optim, ds_config)  # identical initialisation on every rank
+    model: ARRAModel = engine.model
+    distributed.seed_everything(distributed.rank_seed(cfg.seed))  # then each rank draws its own dropout masks
     loader = build_dataloader(dataset, cfg.data, micro, model.vocab.pad_id, cfg.seed)
 
     # ---- resume -------------------------------------------------------------------------------
@@ -162,28 +140,26 @@ def _train(cfg, ds_config_path, watcher) -> dict:
         interrupted = ckpt.clean_interrupted(ckpt_root)
         if interrupted:
             print(f"removed interrupted checkpoint saves {interrupted} from {ckpt_root}", flush=True)
-    dist.barrier()
+    distributed.barrier()
     state = ckpt.TrainerState(world_size=world)
-    resume_dir = ckpt.resolve_resume(cfg.train.resume, ckpt_root)
+    resume_dir = resolve_resume(cfg.train.resume, ckpt_root)
     if resume_dir is not None:
         state = ckpt.load_checkpoint(engine, resume_dir)
         loader.load_state_dict(state.loader)
-        dist.print0(f"resumed from {resume_dir} at step {state.step} ({state.samples_seen} samples seen)")
+        distributed.print0(f"resumed from {resume_dir} at step {state.step} ({state.samples_seen} samples seen)")
     elif cfg.train.resume == "auto":
-        dist.print0(f"train.resume=auto: no checkpoint in {ckpt_root}, starting fresh")
+        distributed.print0(f"train.resume=auto: no checkpoint in {ckpt_root}, starting fresh")
     start_step = state.step
     ckpt.ensure_disk_space(ckpt_root, engine.num_parameters())
 
     resume_step = start_step if resume_dir is not None else None
     logger = MetricsLogger(run_dir, is_rank0, cfg.train.tensorboard, resume_step=resume_step)
-    sample_log = SampleLog(run_dir, dist.rank(), cfg.train.log_samples, resume_step)
+    sample_log = SampleLog(run_dir, distributed.rank(), cfg.train.log_samples, resume_step)
     evaluator = None
     if cfg.train.eval_every:
-        from arra_ds.eval.train_eval import TrainEvaluator
-
-        evaluator = TrainEvaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, source=cfg.data.path)
+        evaluator = TrainEvaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, source=local)
     peak = peak_flops()
-    flops_per_token = _model_flops_per_token(model, cfg.data.max_seq_len) if peak else None
+    flops_per_token = model.flops_per_token(cfg.data.max_seq_len) if peak else None
     global_batch = micro * accum * world
     engine.train()
     batches = _batches(loader)
@@ -216,7 +192,7 @@ def _train(cfg, ds_config_path, watcher) -> dict:
                          float(meta.num_truncated), float(watcher.requested)]
                 # reduced on the model's device: NCCL cannot reduce CPU tensors
                 local = torch.tensor(local, dtype=torch.float64, device=values.device)
-                stats = dist.all_reduce_sum(torch.cat([values, local])).cpu()
+                stats = distributed.all_reduce_sum(torch.cat([values, local])).cpu()
                 if stats[STAT["nonfinite"]] > 0:
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step + 1} (micro-batch {micro_step}) on "
@@ -271,7 +247,7 @@ def _train(cfg, ds_config_path, watcher) -> dict:
                 last_saved = ckpt.save_checkpoint(engine, ckpt_root, state, cfg.train.keep_last)
             if preempted:
                 signal_name = watcher.received.name if watcher.received else "a signal on another rank"
-                dist.print0(f"preempted by {signal_name}: checkpoint {last_saved} written at step {done}; exiting for requeue")
+                distributed.print0(f"preempted by {signal_name}: checkpoint {last_saved} written at step {done}; exiting for requeue")
                 break
             if evaluator is not None and done % cfg.train.eval_every == 0:
                 evaluator.log(engine, done, logger)
@@ -297,7 +273,7 @@ def _train(cfg, ds_config_path, watcher) -> dict:
         "run_dir": str(run_dir),
     }
     if is_rank0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(run_dir / "summary.json", summary)
         skipped = (
             f"; over-long samples: {state.skipped_overlong} skipped, {state.truncated_overlong} truncated"
             if state.skipped_overlong or state.truncated_overlong else ""

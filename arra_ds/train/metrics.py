@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from arra_ds.io import append_jsonl, truncate_jsonl_after
 
 
 class MetricsLogger:
@@ -17,28 +20,17 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
-            self._truncate_after(resume_step)
+            # drop lines logged after the checkpoint so the file reads like an uninterrupted run
+            truncate_jsonl_after(self.path, resume_step)
         elif self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh file
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file reads like an uninterrupted run."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        append_jsonl(self.path, {"step": step, **values})
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key != "step":

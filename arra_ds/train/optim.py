@@ -12,6 +12,8 @@ from typing import Literal
 
 from torch import nn
 
+from arra_ds.errors import ConfigError
+
 
 @dataclass
 class OptimConfig:
@@ -25,8 +27,6 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # final lr / lr for cosine and linear
 
     def validate(self) -> None:
-        from arra_ds.config import ConfigError
-
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

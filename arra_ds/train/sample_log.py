@@ -8,8 +8,9 @@ files read like those of an uninterrupted run: every sample appears exactly once
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from arra_ds.io import append_jsonl, read_jsonl, truncate_jsonl_after
 
 
 class SampleLog:
@@ -21,18 +22,13 @@ class SampleLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.unlink(missing_ok=True)
-        elif self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+        else:
+            truncate_jsonl_after(self.path, resume_step)
 
     def log(self, step: int, micro: int, uids: list[str], skipped: list[str]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "micro": micro, "uids": uids, "skipped": skipped}) + "\n")
+        append_jsonl(self.path, {"step": step, "micro": micro, "uids": uids, "skipped": skipped})
 
 
 def read_sample_logs(run_dir: str | Path) -> dict[int, list[dict]]:
@@ -40,5 +36,5 @@ def read_sample_logs(run_dir: str | Path) -> dict[int, list[dict]]:
     logs = {}
     for path in sorted((Path(run_dir) / "samples").glob("rank_*.jsonl")):
         rank = int(path.stem.split("_")[1])
-        logs[rank] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        logs[rank] = read_jsonl(path)
     return logs

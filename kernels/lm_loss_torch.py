@@ -1,7 +1,7 @@
-"""ARRA loss pieces: chunked LM head + cross-entropy + z-loss, and the global visual alignment loss.
+"""LM head + cross-entropy + z-loss in torch: the chunked fallback of ``lm_loss.py``'s Triton kernel
+and the naive full-logits reference.
 
-Shapes: N = supervised (or aligned) positions gathered from a [B, T] batch, H = hidden size,
-V = vocabulary, D = feature width of the foundation encoder.
+Shapes: N = supervised positions gathered from a [B, T] batch, H = hidden size, V = vocabulary.
 
 ``chunked_lm_loss`` never builds the [N, V] fp32 logits: it walks N in chunks, and for each chunk
 computes logits, logsumexp, the loss *and already the gradient* w.r.t. the chunk's hidden states
@@ -12,12 +12,10 @@ gradient accumulator, and the matmul count equals the naive path (1 forward, 2 b
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
 
 
 def accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -33,7 +31,7 @@ def accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
 class PrecomputedGradLinearLoss(torch.autograd.Function):
     """Base of the LM-head losses whose forward already computes d loss / d (hidden, weight).
 
-    Subclasses (the torch chunked loss here, the Triton one in kernels/lm_loss.py) end their forward
+    Subclasses (the torch chunked loss here, the Triton one in lm_loss.py) end their forward
     with ``finish_forward`` and share this backward, which only scales the stored gradients.
     """
 
@@ -126,39 +124,3 @@ def reference_lm_loss(hidden, weight, targets, z_loss_weight: float = 0.0):
     ce = F.cross_entropy(logits, targets)
     z = torch.logsumexp(logits, dim=-1).square().mean()
     return ce + z_loss_weight * z, ce.detach(), z.detach()
-
-
-def gva_loss(
-    projected: torch.Tensor,
-    sample_idx: torch.Tensor,
-    targets: torch.Tensor,
-    kind: Literal["cosine", "mse"] = "cosine",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global visual alignment loss.
-
-    projected [N, D]: A_phi(h) at the aligned positions; sample_idx [N]: which sample each row
-    belongs to; targets [B, D]: one global feature per sample. Per row: 1 - cos (or the mean squared
-    error for ``kind='mse'``); averaged over a sample's rows, then over the samples that have rows.
-    Returns (loss, mean cosine) in fp32; the cosine is detached and averaged the same way.
-    """
-    batch = targets.shape[0]
-    p = projected.float()
-    t = targets.float()[sample_idx]  # [N, D]
-    cos_rows = (F.normalize(p, dim=-1) * F.normalize(t, dim=-1)).sum(-1)  # [N]
-    if kind == "cosine":
-        row_loss = 1.0 - cos_rows
-    elif kind == "mse":
-        row_loss = (p - t).square().mean(-1)
-    else:
-        raise ValueError(f"unknown alignment loss {kind!r}; use 'cosine' or 'mse'")
-
-    counts = torch.bincount(sample_idx, minlength=batch).to(p.dtype)  # [B]
-    has_rows = counts > 0
-    if not bool(has_rows.any()):
-        zero = projected.sum().float() * 0.0
-        return zero, zero.detach()
-    per_sample_loss = torch.zeros(batch, dtype=p.dtype, device=p.device).index_add(0, sample_idx, row_loss)
-    per_sample_cos = torch.zeros(batch, dtype=p.dtype, device=p.device).index_add(0, sample_idx, cos_rows.detach())
-    loss = (per_sample_loss[has_rows] / counts[has_rows]).mean()
-    cos = (per_sample_cos[has_rows] / counts[has_rows]).mean()
-    return loss, cos

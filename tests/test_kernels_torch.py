@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from arra_ds.model.arra import aligned_positions
-from arra_ds.model.losses import chunked_lm_loss, gva_loss, reference_lm_loss
+from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
+from arra_ds.kernels.align_loss_torch import gva_loss
 
 
 def _lm_inputs(n=37, h=24, v=101, dtype=torch.float32, seed=0):
@@ -108,7 +109,7 @@ def test_gva_loss_without_rows_is_zero():
 
 def _batch(vocab):
     from arra_ds.data.loader import Collator, SampleConverter
-    from arra_ds.data.sequence import conversation_tokens, image_to_tokens
+    from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
 
     converter = SampleConverter(None, max_seq_len=10_000, overlong="error")
     items, image_spans = [], []
@@ -165,6 +166,6 @@ def test_slice_positions_follow_the_reference_code(debug_vocab):
 
 @pytest.fixture
 def debug_vocab():
-    from arra_ds.model.vocab import build_debug_vocab
+    from arra_ds.tokens.vocab import build_debug_vocab
 
     return build_debug_vocab(num_image_codes=64)

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+
+from arra_ds.errors import UserError
 
 BOS = "<s>"
 PAD = "<pad>"
@@ -33,6 +37,7 @@ ROW_END = "<reserved08799>"
 END_OF_TURN = "<reserved08706>"
 IMAGE_CODE_PREFIX = "IMGIMG"
 GRID_TOKEN_BASE = 8800
+DEBUG_MAX_GRID = 32  # grid-size tokens of the debug vocabulary: images up to 32 cells (1024 px) per side
 
 
 def grid_token_name(num_grids: int) -> str:
@@ -50,8 +55,8 @@ def image_code_from_token_name(name: str) -> int:
     return int("".join(str(ord(c) - ord("A")) for c in digits))
 
 
-class VocabError(ValueError):
-    pass
+class VocabError(UserError, ValueError):
+    """A vocabulary that lacks what Chameleon's layout needs (special tokens, image codes)."""
 
 
 @dataclass
@@ -231,7 +236,7 @@ DEBUG_WORDS: tuple[str, ...] = tuple(
 
 def build_debug_tokenizer(
     num_image_codes: int = 256,
-    max_grid: int = 32,
+    max_grid: int = DEBUG_MAX_GRID,
     words: Sequence[str] = DEBUG_WORDS,
 ):
     """A ``tokenizers.Tokenizer`` with Chameleon's special-token names and a small word vocabulary.
@@ -239,9 +244,6 @@ def build_debug_tokenizer(
     Ids: 0 <s>, 1 <pad>, 2 </s>, 3 <unk>, then the image codes (as in Chameleon, image codes come
     right after the first specials), then the remaining specials, grid tokens and words.
     """
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-
     names: list[str] = [BOS, PAD, EOS, "<unk>"]
     names += [image_code_token_name(c) for c in range(num_image_codes)]
     names += [IMAGE_END, IMAGE_START, END_OF_TURN, ROW_END, "<image>"]
@@ -262,6 +264,6 @@ def build_debug_tokenizer(
     return tokenizer
 
 
-def build_debug_vocab(num_image_codes: int = 256, max_grid: int = 32) -> ChameleonVocab:
+def build_debug_vocab(num_image_codes: int = 256, max_grid: int = DEBUG_MAX_GRID) -> ChameleonVocab:
     tok = build_debug_tokenizer(num_image_codes=num_image_codes, max_grid=max_grid)
     return ChameleonVocab(tok.get_vocab(with_added_tokens=True), source="debug tokenizer")

@@ -30,7 +30,10 @@ from typing import Any, Literal, Mapping
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import safe_open
 from torch import nn
+
+from arra_ds.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ TRAINING_ONLY_PREFIXES = ("loss.",)
 QUANTIZE_ROWS_PER_CHUNK = 8192
 
 
-class VQGANError(ValueError):
+class VQGANError(UserError, ValueError):
     """A VQGAN file or config that cannot be used; the message names the file and the fix."""
 
 
@@ -442,8 +445,6 @@ def load_checkpoint_tensors(path: str | Path) -> dict:
 
 def _read_hf_vq_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The ``model.vqmodel.*`` tensors of a HF checkpoint dir (safetensors or .bin, sharded or not)."""
-    from safetensors import safe_open
-
     files = sorted(checkpoint_dir.glob("*.safetensors"))
     out: dict[str, torch.Tensor] = {}
     if files:

@@ -1,0 +1,322 @@
+"""Trainer checkpoints on disk: the run-directory layout, manifests, verification, and reading a
+trained backbone back (for export, generation and evaluation). Writing is ``arra_ds/train/checkpoint.py``.
+
+Layout of a run directory:
+
+    config.yaml                the resolved run config (export / generate / eval read its ``model`` section only)
+    checkpoints/
+      latest                   the tag of the newest complete checkpoint (replaced atomically)
+      step_00000100/           a complete checkpoint:
+        *_model_states.pt, *_optim_states.pt   DeepSpeed engine state (under ZeRO-3 one pair per rank)
+        rng_rank_00000.pt ...  each rank's RNG states (loaded with torch.load(weights_only=True))
+        trainer_state.json     step, samples seen, streaming loader state, skip counters, world size
+        manifest.json          every file with its size, the commit order and time; written last
+      step_00000200.partial/   a save in progress, or one interrupted by a crash: never loaded
+
+On load the manifest (file sizes) and the zip CRCs of the torch files are checked first, so a
+truncated, deleted or corrupt file is reported by name instead of failing deep inside ``torch.load``
+(or, worse, loading wrong weights without any error). Under ZeRO-3 each rank saved a shard of the
+flat fp32 master weights; ``deepspeed.utils.zero_to_fp32`` reassembles them offline (no process group,
+no engine).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from arra_ds.config import from_dict
+from arra_ds.errors import ConfigError, InputNotFoundError, UserError
+from arra_ds.model.backbone import ModelConfig, build_backbone_skeleton
+from arra_ds.tokens.vocab import ChameleonVocab
+
+CHECKPOINTS_DIR = "checkpoints"
+RUN_CONFIG_FILE = "config.yaml"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
+FORMAT_VERSION = 1
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+# ARRAModel's parameter prefixes: the backbone (Hugging Face names below it) and the training-only projector.
+BACKBONE_PREFIX = "backbone."
+PROJECTOR_PREFIX = "align_head."
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file and what to do."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank_{rank:05d}.pt"
+
+
+# ---- reading manifests -----------------------------------------------------------------------------
+
+
+def read_latest(root: Path) -> str | None:
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / MANIFEST
+    if not path.is_file():
+        partial = " (an interrupted save?)" if str(ckpt_dir).endswith(PARTIAL_SUFFIX) else ""
+        raise CheckpointError(
+            f"{ckpt_dir} is not a complete arra_ds checkpoint{partial}: {MANIFEST} is missing. "
+            f"Complete checkpoints next to it: {[p.name for p in committed(Path(ckpt_dir).parent)] or 'none'}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["files"], manifest["step"], manifest["world_size"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); the checkpoint {ckpt_dir} cannot be trusted") from e
+    return manifest
+
+
+def verify(ckpt_dir: Path) -> dict:
+    """Check that every file the manifest lists exists with its recorded size; return the manifest."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest = read_manifest(ckpt_dir)
+    for rel, size in manifest["files"].items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing (listed in {ckpt_dir / MANIFEST})")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"checkpoint file {path} is {actual} bytes, but {size} bytes were written (truncated or overwritten); "
+                f"resume from another checkpoint with train.resume=<dir>. Complete checkpoints: "
+                f"{[p.name for p in committed(ckpt_dir.parent) if p != ckpt_dir] or 'none'}"
+            )
+    return manifest
+
+
+def committed(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root`` (tag dirs with a manifest), oldest commit first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if path.is_dir() and TAG_PATTERN.match(path.name) and (path / MANIFEST).is_file():
+            try:
+                sequence = int(json.loads((path / MANIFEST).read_text())["sequence"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            found.append((sequence, path.name, path))
+    return [p for _, _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """``train.resume`` -> the checkpoint directory to load, or None for a fresh start."""
+    if not resume:
+        return None
+    if resume == "auto":
+        tag = read_latest(root)
+        if tag is None:
+            return None
+        path = Path(root) / tag
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{Path(root) / LATEST} names {tag!r}, but {path} does not exist. Complete checkpoints: "
+                f"{[p.name for p in committed(root)] or 'none'}; pick one with train.resume=<dir>"
+            )
+        return path
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={resume}: no such checkpoint directory")
+    return path
+
+
+def check_contents(ckpt_dir: Path, manifest: dict, rank: int = 0, world: int = 1) -> None:
+    """CRC-check this rank's share (every ``world``-th) of the checkpoint's torch files.
+
+    ``torch.save`` writes zip archives with a CRC32 per member, but ``torch.load`` does not check
+    them, so a flipped byte inside a tensor would load silently as a wrong weight. Checking reads the
+    files once; spread over the ranks, each reads 1/world of the checkpoint.
+    """
+    torch_files = sorted(rel for rel in manifest["files"] if rel.endswith(".pt"))
+    for rel in torch_files[rank::world]:
+        path = Path(ckpt_dir) / rel
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"checkpoint file {path} is unreadable ({e})") from e
+        if bad is not None:
+            raise CheckpointError(
+                f"checkpoint file {path} is corrupt: its member {bad} fails the CRC check; resume from another "
+                f"checkpoint with train.resume=<dir>. Complete checkpoints: "
+                f"{[p.name for p in committed(Path(ckpt_dir).parent) if p != Path(ckpt_dir)] or 'none'}"
+            )
+
+
+# ---- resolving a checkpoint path -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    root: Path  # the directory holding tag directories and ``latest``
+    tag: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root.parent if self.root.name == CHECKPOINTS_DIR else self.root
+
+    @property
+    def step(self) -> int:
+        return int(read_manifest(self.path)["step"])
+
+    @property
+    def run_config_path(self) -> Path:
+        return self.run_dir / RUN_CONFIG_FILE
+
+
+def is_trainer_checkpoint(path: str | Path) -> bool:
+    """Is ``path`` a run directory, checkpoints directory or tag directory written by the trainer?"""
+    path = Path(path)
+    has_latest = any(read_latest(root) is not None for root in (path / CHECKPOINTS_DIR, path))
+    return has_latest or (path / MANIFEST).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointRef:
+    """A run directory, its ``checkpoints`` directory (both: the latest tag) or one tag directory.
+
+    The checkpoint's manifest is verified (every file present with its recorded size).
+    """
+    path = Path(path)
+    for root in (path / CHECKPOINTS_DIR, path):
+        tag = read_latest(root)
+        if tag is not None:
+            ref = CheckpointRef(root, tag)
+            break
+    else:
+        if not (path / MANIFEST).is_file():
+            raise CheckpointNotFoundError(
+                f"{path} is not a trainer checkpoint: expected a run directory (with checkpoints/latest), a "
+                f"checkpoints directory (with latest) or a tag directory (step_<n>/ with {MANIFEST})"
+            )
+        ref = CheckpointRef(path.parent, path.name)
+    verify(ref.path)
+    return ref
+
+
+def consolidated_state_dict(ref: CheckpointRef, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The full model state dict of a ZeRO-2/3 checkpoint (names as in ``ARRAModel``).
+
+    Tensors are materialised one at a time (lazy mode) and cast to ``dtype`` when given, so peak host
+    memory is one fp32 tensor plus the result, not a full fp32 copy of the model. The files' sizes and
+    zip CRCs are checked first: a corrupt file is named instead of loading wrong weights.
+    """
+    # deepspeed is imported only here (it takes seconds and pulls in its accelerator probing), not for
+    # reading manifests or run configs
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_contents(ref.path, verify(ref.path))
+    try:
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag, lazy_mode=True)
+        state = {}
+        for name in list(lazy):
+            tensor = lazy.pop(name).contiguous()
+            state[name] = tensor.to(dtype) if dtype is not None else tensor
+    except Exception as e:  # zero_to_fp32's own errors do not always name the checkpoint
+        raise CheckpointError(f"cannot read the weights of checkpoint {ref.path}: {type(e).__name__}: {e}") from e
+    return state
+
+
+# ---- a trained backbone ----------------------------------------------------------------------------
+
+
+def read_run_model_config(run_dir: str | Path) -> ModelConfig:
+    """The ``model`` section of a run's config.yaml, and nothing else: export, generation and
+    evaluation must work where the training data (``data.path``) is not mounted."""
+    config_path = Path(run_dir) / RUN_CONFIG_FILE
+    if not config_path.is_file():
+        raise InputNotFoundError(f"{config_path} not found: the trainer writes the resolved run config there")
+    try:
+        data = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{config_path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{config_path} has no 'model' section; is it a run config written by arra_ds?")
+    model_cfg = from_dict(ModelConfig, data["model"], prefix="model")
+    model_cfg.validate()
+    return model_cfg
+
+
+@dataclass
+class TrainedBackbone:
+    """The backbone weights of a trainer checkpoint (projector dropped) and what they belong to."""
+
+    ref: CheckpointRef
+    model_cfg: ModelConfig  # the run's model section
+    state_dict: dict[str, torch.Tensor]  # Hugging Face names (``model.layers.0...``, ``lm_head.weight``)
+    dropped: list[str]  # the training-only projector's parameter names
+
+
+def split_backbone_state(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """ARRAModel state dict -> (Hugging Face backbone state dict, dropped projector keys)."""
+    backbone, dropped = {}, []
+    for name, tensor in state.items():
+        if name.startswith(BACKBONE_PREFIX):
+            backbone[name[len(BACKBONE_PREFIX) :]] = tensor
+        elif name.startswith(PROJECTOR_PREFIX):
+            dropped.append(name)
+        else:
+            raise CheckpointError(
+                f"unexpected parameter {name!r} in checkpoint {source}: an ARRAModel has only {BACKBONE_PREFIX}* and "
+                f"{PROJECTOR_PREFIX}* parameters; is it an arra_ds run?"
+            )
+    return backbone, dropped
+
+
+def read_trained_backbone(path: str | Path, dtype: torch.dtype | None = None) -> TrainedBackbone:
+    """Backbone weights of a run directory, its ``checkpoints`` directory or one ``step_<n>`` directory."""
+    ref = resolve_checkpoint(path)
+    model_cfg = read_run_model_config(ref.run_dir)
+    backbone, dropped = split_backbone_state(consolidated_state_dict(ref, dtype), str(ref.path))
+    return TrainedBackbone(ref, model_cfg, backbone, dropped)
+
+
+def load_trained_backbone(
+    path: str | Path, dtype: torch.dtype, device: torch.device | str
+) -> tuple[nn.Module, ChameleonVocab, TrainedBackbone]:
+    """(backbone in eval mode on ``device``, its vocabulary, what was read) from a trainer checkpoint.
+
+    The module is built on the meta device from the run's model section and takes the checkpoint's
+    tensors as they are (``assign=True``): the weights exist once in memory, never twice.
+    """
+    trained = read_trained_backbone(path, dtype)
+    backbone, vocab = build_backbone_skeleton(trained.model_cfg, dtype)
+    try:
+        backbone.load_state_dict(trained.state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint {trained.ref.path} does not match the backbone its config.yaml describes: {e}"
+        ) from e
+    backbone.to(device).eval().requires_grad_(False)
+    return backbone, vocab, trained

@@ -1,0 +1,69 @@
+"""What every launcher does around its work: options in any order, user errors as one line, bugs with a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from arra_ds.cli import BAD_INPUT_EXIT_CODE, launcher_parser, parse_args, run_launcher
+from arra_ds.errors import ConfigError, UserError
+from arra_ds.generate.pipeline import GenerateConfig
+from conftest import REPO_ROOT, subprocess_env
+
+
+def test_a_user_error_is_one_line_and_exit_2(capsys):
+    def work():
+        raise ConfigError("align.layer=9 is out of range: use 1..4")
+
+    assert run_launcher(work) == BAD_INPUT_EXIT_CODE
+    err = capsys.readouterr().err
+    assert err == "error: align.layer=9 is out of range: use 1..4\n"
+
+
+def test_a_user_error_may_carry_its_own_exit_code(capsys):
+    class Diverged(UserError):
+        exit_code = 3
+
+    assert run_launcher(lambda: (_ for _ in ()).throw(Diverged("loss is NaN"))) == 3
+    assert capsys.readouterr().err == "error: loss is NaN\n"
+
+
+def test_an_internal_error_keeps_its_traceback():
+    def work():
+        raise ValueError("an internal inconsistency, not the user's input")
+
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        run_launcher(work)
+
+
+def test_the_work_result_is_the_exit_code():
+    assert run_launcher(lambda: 75) == 75
+    assert run_launcher(lambda: {"done": True}) == 0
+
+
+def test_options_and_overrides_in_any_order():
+    parser = launcher_parser("test", GenerateConfig)
+    parser.add_argument("--prompt", action="append", default=[])
+    args = parse_args(parser, ["model=runs/x", "--prompt", "a red circle", "output_dir=out", "--config", "c.yaml",
+                               "sampling.seed=3"])
+    assert args.prompt == ["a red circle"] and args.config == "c.yaml"
+    assert args.overrides == ["model=runs/x", "output_dir=out", "sampling.seed=3"]
+
+
+def test_help_lists_the_config_keys():
+    text = launcher_parser("test", GenerateConfig).format_help()
+    assert "sampling.guidance_scale=4.0 (float)" in text and "samples_per_prompt=1 (int)" in text
+
+
+@pytest.mark.parametrize("script, args, where", [
+    ("launch/generate.py", ["--prompt", "a red circle", "sampling.guidance=3", "model=nowhere"], "sampling.guidance"),
+    ("launch/pretokenize.py", ["input=nowhere.json", "out_dir=out"], "input="),
+    ("launch/train.py", ["align.layr=2"], "align.layr"),
+])
+def test_launchers_print_a_user_error_as_one_line(script, args, where, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == BAD_INPUT_EXIT_CODE, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and where in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
