@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from arra_ds.config import from_dict
+from arra_ds.config import from_dict, read_config_file
 from arra_ds.errors import ConfigError, InputNotFoundError, UserError
 from arra_ds.model.backbone import ModelConfig, build_backbone_skeleton
 from arra_ds.tokens.vocab import ChameleonVocab
@@ -257,11 +256,8 @@ def read_run_model_config(run_dir: str | Path) -> ModelConfig:
     config_path = Path(run_dir) / RUN_CONFIG_FILE
     if not config_path.is_file():
         raise InputNotFoundError(f"{config_path} not found: the trainer writes the resolved run config there")
-    try:
-        data = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{config_path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    data = read_config_file(config_path)
+    if not isinstance(data.get("model"), dict):
         raise ConfigError(f"{config_path} has no 'model' section; is it a run config written by arra_ds?")
     model_cfg = from_dict(ModelConfig, data["model"], prefix="model")
     model_cfg.validate()
