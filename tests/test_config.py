@@ -1,8 +1,10 @@
 import json
 
 import pytest
+import torch
 import yaml
 
+from arra_ds import distributed
 from arra_ds.errors import ConfigError
 from arra_ds.train.run_config import load_run_config, RunConfig
 from arra_ds.config import save_config, to_dict
@@ -169,10 +171,6 @@ def test_bare_run_config_asks_for_data():
 
 
 def test_bf16_master_weights_key_sets_deepspeeds_bf16_master_and_optimizer_states(monkeypatch):
-    import torch
-
-    from arra_ds import distributed
-
     monkeypatch.setattr(distributed, "device", lambda: torch.device("cuda"))  # bf16 is refused on the CPU
     cfg = load_run_config(None, ["train.precision=bf16"])
     default = fill_ds_config(_ds(), cfg.train, cfg.optim, world_size=1, hidden_size=64)["bf16"]
