@@ -230,7 +230,7 @@ class ARRAModel(nn.Module):
         silently get no alignment term (data pre-tokenised without it)."""
         has_image = self.image_token_mask[labels.clamp(min=0)].logical_and(labels != IGNORE_INDEX).any(dim=1)  # [B]
         if int(has_image.sum()) > rep_rows.numel():
-            raise ValueError(
+            raise ConfigError(
                 f"align.target=rep: a sample with an image has no {self.align.rep_token} token to align. Pre-tokenise "
                 f"with rep_token=true (launch/pretokenize.py), or set align.rep_token=<racm3:break> to align at the image start"
             )
