@@ -6,7 +6,8 @@
         encoders=[biomedclip=/models/BiomedCLIP,medsam=/models/medsam-vit-base] \
         image.target_size=512 image.crop=square num_procs=8 num_workers=8
 
-Keys are the fields of PretokenizeConfig (listed below); --config takes them from a YAML file.
+Keys are the fields of PretokenizeConfig (listed below); --config takes them from a YAML file
+(configs/pretokenize_arra512.yaml: the 7B recipes' square 512 x 512 centre crop).
 Rerun the same command to resume. With an external launcher (slurm), pass rank= and world_size= per
 process, then run once more without them to merge the index and write the report.
 """

@@ -19,7 +19,7 @@ from arra_ds.errors import ConfigError
 from arra_ds.kernels import ALIGN_MAX_FEATURE_DIM, gva_loss, projection_alignment_loss
 from arra_ds.model.backbone import GatherContext, ModelConfig, load_backbone, no_gather
 from arra_ds.tokens.layout import IGNORE_INDEX
-from arra_ds.tokens.vocab import ChameleonVocab
+from arra_ds.tokens.vocab import REP_TOKEN, ChameleonVocab
 
 
 @dataclass
@@ -27,11 +27,19 @@ class AlignConfig:
     weight: float = 1.0  # lambda; 0 trains the AR-only baseline (no projector is built)
     layer: int = 1  # HF hidden_states[layer]: output of decoder layer `layer` (1-based)
     # hybnext: every position whose next token is an image code (the paper's <HYBNEXT>);
-    # rep: one position per sample, the image-start token <racm3:break>;
+    # rep: one position per sample, the token named by rep_token (the paper's <REP>);
     # slice: the reference code's fixed [-(slice_len+1):-1] slice of the padded batch (comparison only).
     target: Literal["hybnext", "rep", "slice"] = "hybnext"
     slice_len: int = 1024
+    # target=rep: the token whose position is aligned (its first supervised occurrence). The reference's
+    # <REP> is <reserved08795>, which the data must hold (launch/pretokenize.py rep_token=true puts it
+    # at the start of the assistant turn); rep_token="<racm3:break>" aligns at the image start instead
+    # (works on any data).
+    rep_token: str = REP_TOKEN
     projector: Literal["mlp", "maxpool"] = "mlp"  # paper appendix Table 2
+    # hf: Hugging Face's _init_weights, as the reference's projector (built inside the HF model) gets:
+    # weights normal(0, initializer_range of the backbone config), biases 0; torch: nn.Linear's default.
+    projector_init: Literal["hf", "torch"] = "hf"
     loss: Literal["cosine", "mse"] = "cosine"  # paper appendix Table 4
     encoder: str = "biomedclip"  # the data column feat_<encoder> holds the target features
     feature_dim: int = 0  # D; 0 = read from the data (the trainer fills it in)
@@ -53,6 +61,8 @@ class AlignConfig:
             raise ConfigError(f"align.slice_len={self.slice_len} must be >= 1")
         if self.feature_dim < 0:
             raise ConfigError(f"align.feature_dim={self.feature_dim} must be >= 0 (0 = from the data)")
+        if self.target == "rep" and not self.rep_token:
+            raise ConfigError("align.target=rep needs align.rep_token (a token name, e.g. <reserved08795>)")
         if not self.encoder or not self.encoder.replace("_", "").isalnum():
             raise ConfigError(f"align.encoder={self.encoder!r} must be a plain name such as biomedclip, clip, medsam")
 
@@ -76,9 +86,14 @@ class AlignHead(nn.Module):
     The loss is computed inside ``forward`` so that ZeRO-3 gathers fc1/fc2 for it. For the mlp
     projector, ``fused_kernels`` (model.fused_kernels) may select the Triton kernel
     (``arra_ds.kernels.projection_alignment_loss``), which never stores the [N, D] activations.
+    ``init_std``: None keeps nn.Linear's default initialisation; a number gives Hugging Face's
+    ``_init_weights`` (weights normal(0, init_std), biases zero).
     """
 
-    def __init__(self, hidden_size: int, feature_dim: int, projector: str, loss_kind: str, fused_kernels: str = "auto"):
+    def __init__(
+        self, hidden_size: int, feature_dim: int, projector: str, loss_kind: str, fused_kernels: str = "auto",
+        init_std: float | None = None,
+    ):
         super().__init__()
         if projector == "maxpool" and feature_dim > hidden_size:
             raise ConfigError(
@@ -97,6 +112,10 @@ class AlignHead(nn.Module):
         if projector == "mlp":
             self.fc1 = nn.Linear(hidden_size, feature_dim)
             self.fc2 = nn.Linear(feature_dim, feature_dim)
+            if init_std is not None:
+                for linear in (self.fc1, self.fc2):
+                    nn.init.normal_(linear.weight, mean=0.0, std=init_std)
+                    nn.init.zeros_(linear.bias)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.projector == "mlp":
@@ -120,13 +139,14 @@ def aligned_positions(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     vocab_image_mask: torch.Tensor,
-    image_start_id: int,
+    rep_id: int,
     target: str,
     slice_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch index [N], time index [N]) of the hidden states to align.
 
-    labels [B, T] are unshifted (-100 = ignored), so position t predicts labels[t + 1].
+    labels [B, T] are unshifted (-100 = ignored), so position t predicts labels[t + 1]. ``rep_id``:
+    the token whose first supervised position ``rep`` aligns (rows without it get no position).
     """
     batch, length = labels.shape
     if target == "hybnext":
@@ -136,7 +156,7 @@ def aligned_positions(
         b_idx, t_idx = is_image.nonzero(as_tuple=True)
         return b_idx, t_idx
     if target == "rep":
-        is_start = (input_ids == image_start_id) & (labels != IGNORE_INDEX)  # [B, T]
+        is_start = (input_ids == rep_id) & (labels != IGNORE_INDEX)  # [B, T]
         has = is_start.any(dim=1)
         first = is_start.int().argmax(dim=1)
         b_idx = torch.arange(batch, device=labels.device)[has]
@@ -172,6 +192,7 @@ class ARRAModel(nn.Module):
         image_token_mask[vocab.image_token_ids] = True
         self.register_buffer("image_token_mask", image_token_mask, persistent=False)
         self.align_head: AlignHead | None = None
+        self.rep_id = -1  # align.target=rep: id of align.rep_token
         self._capturing = False
         self._captured: torch.Tensor | None = None
         if align.enabled:
@@ -179,7 +200,12 @@ class ARRAModel(nn.Module):
                 raise ValueError("align.feature_dim must be resolved from the data before build_model")
             if not 1 <= align.layer <= num_layers:
                 raise ValueError(f"align.layer={align.layer} out of range 1..{num_layers}")
-            self.align_head = AlignHead(hidden_size, align.feature_dim, align.projector, align.loss, fused_kernels)
+            init_std = backbone.config.initializer_range if align.projector_init == "hf" else None
+            self.align_head = AlignHead(
+                hidden_size, align.feature_dim, align.projector, align.loss, fused_kernels, init_std=init_std
+            )
+            if align.target == "rep":  # by name (e.g. <reserved08795>); a clear error if the vocabulary lacks it
+                self.rep_id = vocab.id(align.rep_token)
             # hidden_states[L] in HF is the output of layers[L-1], except the last entry, which is
             # taken after the final norm.
             source = backbone.model.norm if align.layer == num_layers else backbone.model.layers[align.layer - 1]
@@ -198,6 +224,16 @@ class ARRAModel(nn.Module):
         """Training FLOPs per token of the backbone at sequence length ``seq_len`` (for MFU)."""
         config = self.backbone.config
         return training_flops_per_token(self.non_embedding_parameters(), config.num_hidden_layers, config.hidden_size, seq_len)
+
+    def _check_rep_rows(self, labels: torch.Tensor, rep_rows: torch.Tensor) -> None:
+        """target=rep: every row with image tokens to learn must hold the <REP> token, or that row would
+        silently get no alignment term (data pre-tokenised without it)."""
+        has_image = self.image_token_mask[labels.clamp(min=0)].logical_and(labels != IGNORE_INDEX).any(dim=1)  # [B]
+        if int(has_image.sum()) > rep_rows.numel():
+            raise ConfigError(
+                f"align.target=rep: a sample with an image has no {self.align.rep_token} token to align. Pre-tokenise "
+                f"with rep_token=true (launch/pretokenize.py), or set align.rep_token=<racm3:break> to align at the image start"
+            )
 
     def _capture_hook(self, module, inputs, output):
         # Activation checkpointing re-runs the layer in backward; capture only in the real forward.
@@ -227,8 +263,10 @@ class ARRAModel(nn.Module):
         total = lm_loss
         if self.align_head is not None:
             b_idx, t_idx = aligned_positions(
-                input_ids, labels, self.image_token_mask, self.vocab.image_start_id, self.align.target, self.align.slice_len
+                input_ids, labels, self.image_token_mask, self.rep_id, self.align.target, self.align.slice_len
             )
+            if self.align.target == "rep":
+                self._check_rep_rows(labels, b_idx)
             targets = batch["target_features"]  # [B, D]
             if targets.shape[-1] != self.align.feature_dim:
                 raise ValueError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Literal
 
 import torch
+import torch.nn.functional as F
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
@@ -69,7 +70,10 @@ class ModelConfig:
     # auto: zero for source=chameleon (as Lumina-mGPT does from the text-only model), keep otherwise.
     init_image_head: Literal["auto", "zero", "keep"] = "auto"
     lm_loss_chunk_size: int = 2048  # rows of the chunked LM-head loss; memory ~ chunk * vocab * 4 B
-    attention_dropout: float = 0.0
+    attention_dropout: float = 0.0  # HF's dropout on the attention probabilities
+    # Lumina-mGPT's `dropout`: on the attention and MLP outputs of every decoder layer, before they are
+    # added to the residual stream (training only; the ARRA reference trains with 0.05). 0 = stock HF.
+    residual_dropout: float = 0.0
     # Triton kernels (kernels/) for the LM-head loss and the alignment projector + loss.
     # auto: for CUDA tensors; on: always (CPU only under TRITON_INTERPRET=1, for tests); off: torch.
     fused_kernels: Literal["auto", "on", "off"] = "auto"
@@ -90,6 +94,9 @@ class ModelConfig:
             raise ConfigError(f"model.lm_loss_chunk_size={self.lm_loss_chunk_size} must be >= 1")
         if self.z_loss_weight < 0:
             raise ConfigError(f"model.z_loss_weight={self.z_loss_weight} must be >= 0")
+        for key in ("attention_dropout", "residual_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
         if self.fused_kernels == "on" and not torch.cuda.is_available() and not triton_interpreter_enabled():
             raise ConfigError(
                 "model.fused_kernels=on needs a CUDA device (Triton kernels); on CPU use model.fused_kernels=auto "
@@ -151,6 +158,51 @@ class LMHeadWithLoss(nn.Module):
         if targets is None:
             return nn.functional.linear(hidden, self.weight)
         return lm_head_loss(hidden, self.weight, targets, self.z_loss_weight, self.chunk_size, self.fused_kernels)
+
+
+class ResidualDropout:
+    """Forward hook: dropout on a residual branch's output, only while its module is in training mode.
+
+    Lumina-mGPT's Chameleon (the model the ARRA reference trains) computes each decoder layer as
+
+        h = x + dropout(attn(norm1(x)));   out = h + dropout(mlp(norm2(h)))
+
+    (swin-norm layers: ``x + dropout(norm1(attn(x)))``, ``h + dropout(norm2(mlp(h)))``). Stock HF
+    Chameleon has no such dropout; this hook on the branch's last module (``self_attn`` / ``mlp``, or
+    the two norms in swin-norm layers) gives the same computation without forking the HF model file.
+    Under activation checkpointing the hook runs inside the checkpointed layer, and torch's checkpoint
+    (``preserve_rng_state=True``) restores the RNG state for the recompute, so backward sees the masks
+    of the forward pass.
+    """
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, module: nn.Module, inputs, output):
+        if not module.training:
+            return None  # eval / generation: the output passes through untouched
+        if isinstance(output, tuple):  # self_attn returns (attn_output [B, T, H], attn_weights)
+            return (F.dropout(output[0], self.p, training=True), *output[1:])
+        return F.dropout(output, self.p, training=True)
+
+
+def residual_branch_outputs(model: ChameleonForConditionalGeneration) -> list[nn.Module]:
+    """Per decoder layer, the two modules whose outputs are added to the residual stream."""
+    modules = []
+    for layer in model.model.layers:
+        if model.config.swin_norm:  # the norm comes after the branch: it is the branch's last module
+            modules += [layer.input_layernorm, layer.post_attention_layernorm]
+        else:
+            modules += [layer.self_attn, layer.mlp]
+    return modules
+
+
+def add_residual_dropout(model: ChameleonForConditionalGeneration, p: float) -> None:
+    """Lumina-mGPT's residual dropout ``p`` on every decoder layer (see ``ResidualDropout``)."""
+    if p <= 0:
+        return  # nothing registered: the model is stock HF Chameleon
+    for module in residual_branch_outputs(model):
+        module.register_forward_hook(ResidualDropout(p))
 
 
 def debug_chameleon_config(cfg: DebugModelConfig, attn_implementation: str) -> ChameleonConfig:
@@ -242,7 +294,8 @@ def load_backbone(
     """Build (debug: random init) or load (from_pretrained) the Chameleon backbone; returns (model, vocab).
 
     The returned model has no ``vqmodel`` and its ``lm_head`` is an ``LMHeadWithLoss``. Image-token
-    logits are never masked (we do not call HF's forward).
+    logits are never masked (we do not call HF's forward). With ``cfg.residual_dropout`` > 0 its decoder
+    layers carry ``ResidualDropout`` hooks, active in training mode only.
     """
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.source == "debug":
@@ -273,6 +326,8 @@ def load_backbone(
         with gather([weight]), torch.no_grad():
             weight[vocab.image_token_ids.to(weight.device)] = 0.0
 
+    add_residual_dropout(model, cfg.residual_dropout)
     if cfg.activation_checkpointing:
+        # non-reentrant checkpoint with preserve_rng_state (default True): dropout masks replay in recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, vocab

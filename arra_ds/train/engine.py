@@ -85,6 +85,15 @@ def fill_ds_config(ds_config: dict, train: TrainConfig, optim: OptimConfig, worl
     dtype = distributed.compute_dtype(train.precision)
     bf16 = ds.setdefault("bf16", {})
     _fill(bf16, "enabled", dtype == torch.bfloat16, "bf16", "train.precision")
+    bf16_master = optim.master_weights == "bf16"
+    if bf16_master and (dtype != torch.bfloat16 or zero_stage(ds) < 1):
+        raise DSConfigError(
+            "optim.master_weights=bf16 keeps DeepSpeed's master weights and AdamW states in bf16; it needs "
+            "train.precision=bf16 and a ZeRO stage >= 1 ds_config (e.g. ds_configs/zero3.json)"
+        )
+    for key in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
+        if bf16_master or key in bf16:
+            _fill(bf16, key, bf16_master, "bf16", "optim.master_weights")
     if ds.get("fp16", {}).get("enabled") not in (None, False, AUTO):
         raise DSConfigError("fp16 is not supported (Chameleon trains in bf16); set fp16.enabled=false, use bf16")
     ds.setdefault("fp16", {})["enabled"] = False
@@ -167,7 +176,7 @@ class Engine:
         model = build_model(model_cfg, align_cfg, dtype=dtype, gather=_gather_for_edit if zero3 else no_gather)
         del hf_ds_config
 
-        groups = param_groups(model, optim_cfg.weight_decay)
+        groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_params)
         optimizer = None
         # On CPU without offload DeepSpeed would JIT-compile its C++ Adam; torch's AdamW is the same
         # update and needs no compiler. With a GPU (FusedAdam) or ZeRO-Offload (CPUAdam) DeepSpeed builds it.

@@ -45,7 +45,7 @@ from arra_ds.train import checkpoint as ckpt
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config
 from arra_ds.train.flops import peak_flops
 from arra_ds.train.metrics import MetricsLogger
-from arra_ds.train.optim import lr_at
+from arra_ds.train.optim import lr_at, steps_per_epoch
 from arra_ds.train.preemption import PreemptionWatcher
 from arra_ds.train.run_config import RunConfig
 from arra_ds.train.sample_log import SampleLog
@@ -161,6 +161,12 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     peak = peak_flops()
     flops_per_token = model.flops_per_token(cfg.data.max_seq_len) if peak else None
     global_batch = micro * accum * world
+    epoch_steps = steps_per_epoch(dataset.size, global_batch)  # for optim.warmup_epochs
+    if cfg.optim.warmup_epochs:
+        distributed.print0(
+            f"optim.warmup_epochs={cfg.optim.warmup_epochs}: {cfg.optim.resolved_warmup_steps(epoch_steps)} warm-up steps "
+            f"({dataset.size} samples / global batch {global_batch} = {epoch_steps} steps per epoch)"
+        )
     engine.train()
     batches = _batches(loader)
     progress = tqdm(
@@ -173,7 +179,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     run_start = time.perf_counter()
     try:
         for step in range(start_step, cfg.train.max_steps):
-            lr = lr_at(step, cfg.train.max_steps, cfg.optim)
+            lr = lr_at(step, cfg.train.max_steps, cfg.optim, epoch_steps)
             engine.set_lr(lr)
             step_start = time.perf_counter()
             totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64)

@@ -31,6 +31,9 @@ class PretokenizeConfig:
     # arra_ds.data.features.PRESETS) or a full EncoderSpec mapping
     encoders: list[EncoderSpec | str] = field(default_factory=list)
     image: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
+    # true: the assistant turn opens with <REP> (<reserved08795>), the data of the reference's `rep`
+    # alignment ablation (train with align.target=rep); false: Lumina-mGPT's layout
+    rep_token: bool = False
     image_root: str = ""  # relative image paths are relative to this ("" = the JSON file's directory)
     min_image_size: int = 64  # images whose shorter side is below this are skipped
     max_seq_len: int = 0  # > 0: samples with more tokens are skipped
@@ -91,6 +94,8 @@ class PretokenizeConfig:
             "items_per_part": self.items_per_part,
             "dtype": self.dtype,
             "channels_last": self.channels_last,
+            # only when set: runs started before the key existed keep resuming
+            **({"rep_token": True} if self.rep_token else {}),
         }
 
 

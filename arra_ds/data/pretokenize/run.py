@@ -87,6 +87,7 @@ def run_rank(cfg: PretokenizeConfig, rank: int, world_size: int, show_progress: 
     dataset = ItemDataset(
         selected, models.conversation_tokenizer, VQImagePreprocessor(cfg.image),
         {name: enc.preprocess for name, enc in models.encoders.items()}, image_root, cfg.min_image_size,
+        rep_token=cfg.rep_token,
     )
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=keep_records)
     bar = tqdm(total=len(selected), desc=f"pretokenize rank {rank}", unit="img", disable=not show_progress)
