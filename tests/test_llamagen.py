@@ -23,8 +23,8 @@ from arra_ds.model.llamagen import (
 )
 
 # A tiny model: head_dim 8 (two row pairs, two column pairs), a 4 x 4 code grid.
-TINY = dict(n_layer=2, n_head=2, dim=16, vocab_size=37, block_size=16, num_classes=5, multiple_of=8)
-NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+TINY = {"n_layer": 2, "n_head": 2, "dim": 16, "vocab_size": 37, "block_size": 16, "num_classes": 5, "multiple_of": 8}
+NO_DROPOUT = {"token_dropout_p": 0.0, "resid_dropout_p": 0.0, "ffn_dropout_p": 0.0}
 
 
 @pytest.fixture(autouse=True)
@@ -69,9 +69,9 @@ def random_upstream_state(seed: int = 0, **sizes) -> dict:
     shapes = upstream_shapes(sizes["n_layer"], sizes["dim"], sizes["vocab_size"], sizes["num_classes"], sizes["multiple_of"])
     # Scaled so activations stay O(1) through the blocks; norms near 1 like trained weights.
     state = {k: torch.randn(s, generator=g) * (0.3 if len(s) == 2 else 0.1) for k, s in shapes.items()}
-    for k in state:
-        if k.endswith("norm.weight"):
-            state[k] = 1.0 + state[k]
+    for key, value in state.items():
+        if key.endswith("norm.weight"):
+            state[key] = 1.0 + value
     return state
 
 
@@ -187,13 +187,13 @@ def test_upstream_init():
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (dict(size="M"), "model.llamagen.size"),
-        (dict(dim=20, n_head=2), "model.llamagen.dim / n_head"),  # head_dim 10: not a multiple of 4
-        (dict(dim=18, n_head=4), "model.llamagen.dim="),
-        (dict(block_size=12), "model.llamagen.block_size"),
-        (dict(class_dropout_prob=1.0), "model.llamagen.class_dropout_prob"),
-        (dict(cls_token_num=2), "model.llamagen.cls_token_num"),
-        (dict(vocab_size=0), "model.llamagen.vocab_size"),
+        ({"size": "M"}, "model.llamagen.size"),
+        ({"dim": 20, "n_head": 2}, "model.llamagen.dim / n_head"),  # head_dim 10: not a multiple of 4
+        ({"dim": 18, "n_head": 4}, "model.llamagen.dim="),
+        ({"block_size": 12}, "model.llamagen.block_size"),
+        ({"class_dropout_prob": 1.0}, "model.llamagen.class_dropout_prob"),
+        ({"cls_token_num": 2}, "model.llamagen.cls_token_num"),
+        ({"vocab_size": 0}, "model.llamagen.vocab_size"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):
@@ -247,9 +247,16 @@ def test_training_mode_without_dropout_matches_reference_and_checkpointing_keeps
     grads = []
     for recompute in (False, True):
         model = tiny_model(no_null_row, class_dropout_prob=0.0, gradient_checkpointing=recompute).train()
+        block_calls, attention_calls = [], []
+        model.layers[0].register_forward_hook(lambda module, args, output, log=block_calls: log.append(output))
+        model.layers[0].attention.register_forward_hook(lambda module, args, output, log=attention_calls: log.append(output))
         logits = model(class_ids, codes)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         logits.square().mean().backward()
+        # Recomputation is real (the attention runs again in backward), yet the block's own hook, the
+        # one an ARRA capture uses, fires once: torch's non-reentrant recompute stops inside the block.
+        assert len(attention_calls) == (2 if recompute else 1)
+        assert len(block_calls) == 1
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -447,8 +447,9 @@ class LlamaGenGPT(nn.Module):
         rope = self._rope(0, h.shape[1], h.device)
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            # Checkpointing calls the block module itself, so forward hooks on it also run again during
-            # the backward recompute (a hook that captures activations should keep the first call's).
+            # A hook on a block fires once per forward even when it is recomputed: torch's non-reentrant
+            # recompute stops early, after the block's last saved tensor and before the block returns.
+            # Hooks on modules inside a block (attention, feed_forward) do fire again in backward.
             h = checkpoint(layer, h, rope, use_reentrant=False) if recompute else layer(h, rope)
         return self.norm(h)
 

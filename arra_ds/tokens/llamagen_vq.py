@@ -21,9 +21,9 @@ assigned the nearest normalised codebook entry; decoding looks the normalised en
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -379,7 +379,7 @@ class LlamaGenVQ(nn.Module):
         self.load_state_dict(state, strict=True)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: LlamaGenVQConfig | None = None) -> "LlamaGenVQ":
+    def from_checkpoint(cls, path: str | Path, config: LlamaGenVQConfig | None = None) -> LlamaGenVQ:
         """Build (default config: VQ-16) and strictly load upstream weights from `path` (under "model", or top level)."""
         path = Path(path)
         if not path.is_file():
