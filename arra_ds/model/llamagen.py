@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arra_ds.errors import ConfigError, InputNotFoundError, UserError
+from arra_ds.model.interface import (
+    BackboneAdapter,
+    GatherContext,
+    LMHeadWithLoss,
+    PartitionContext,
+    SequenceView,
+    no_gather,
+    no_partitioning,
+)
+from arra_ds.tokens.layout import IGNORE_INDEX
 
 CONFIG_KEY_PREFIX = "model.llamagen"
 
@@ -386,7 +396,10 @@ class ClassEmbedding(nn.Module):
 class LlamaGenGPT(nn.Module):
     """LlamaGen c2i GPT. ``layers[i]``'s forward output is the hidden state after block i + 1."""
 
-    def __init__(self, config: LlamaGenConfig):
+    def __init__(self, config: LlamaGenConfig, initialize: bool = True):
+        """``initialize=False`` leaves the weights as the layers create them: for a caller that runs
+        ``initialize_weights(gather)`` itself (parameters partitioned at creation under ZeRO-3) or loads
+        a checkpoint next."""
         super().__init__()
         config.validate()
         self.config = config
@@ -400,17 +413,27 @@ class LlamaGenGPT(nn.Module):
         # A plain fp32 attribute, not a buffer (as upstream): it stays out of the state dict and is not
         # cast by model.to(bf16) / DeepSpeed's bf16 engine, so rotations are computed from fp32 cos / sin.
         self.rope_table = build_2d_rope_table(config.grid_size, config.head_dim, config.rope_base, config.cls_token_num)
-        self.initialize_weights()
+        if initialize:
+            self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        """Upstream init: Linear / Embedding weights ~ N(0, initializer_range), biases 0, LM head all zeros."""
+    def initialize_weights(self, gather: GatherContext = no_gather) -> None:
+        """Upstream init: Linear / Embedding weights ~ N(0, initializer_range), biases 0, LM head all zeros.
+
+        Each layer's weights are drawn inside ``gather`` (under ZeRO-3 they are partitioned as soon as
+        the layer exists, whole only inside the gather; rank 0's draw is kept).
+        """
         std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        nn.init.zeros_(self.output.weight)
+        with torch.no_grad():
+            for module in self.modules():
+                if not isinstance(module, (nn.Linear, nn.Embedding)):
+                    continue
+                with gather(list(module.parameters(recurse=False))):
+                    if module is self.output:
+                        nn.init.zeros_(module.weight)
+                    else:
+                        nn.init.normal_(module.weight, mean=0.0, std=std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
 
     @property
     def null_class_id(self) -> int:
@@ -418,8 +441,9 @@ class LlamaGenGPT(nn.Module):
 
     def _rope(self, start: int, length: int, device: torch.device) -> torch.Tensor:
         """Rows [start, start + length) of the RoPE table on `device`: [length, head_dim // 2, 2]."""
-        if self.rope_table.device != device:
-            self.rope_table = self.rope_table.to(device)
+        if self.rope_table.device != device or self.rope_table.dtype != torch.float32:
+            # (zero.Init casts floating tensors created while the model is built to the training dtype)
+            self.rope_table = self.rope_table.to(device=device, dtype=torch.float32)
         return self.rope_table[start : start + length]
 
     def _check_inputs(self, class_ids: torch.Tensor, codes: torch.Tensor | None = None) -> None:
@@ -499,6 +523,122 @@ class LlamaGenGPT(nn.Module):
         if codes.dim() != 1:
             raise ValueError(f"codes must be [B], got shape {tuple(codes.shape)}")
         return self._cached_step(self.tok_embeddings(codes)[:, None], cache), cache
+
+
+# ------------------------------------------------------------------------------------------------
+# The ARRA interface (model/interface.py): ARRA-Base trains this model from scratch
+# ------------------------------------------------------------------------------------------------
+
+# The class token has no id in the code vocabulary; this marks its slot in the token view of a batch.
+CLASS_TOKEN_SLOT = IGNORE_INDEX
+# Codes have a fixed count per image, so class-to-image batches are never padded; any code id would do.
+CODE_PAD_ID = 0
+
+
+class LlamaGenAdapter(BackboneAdapter):
+    """A ``LlamaGenGPT`` whose ``output`` head is an ``LMHeadWithLoss`` (same name ``output.weight``).
+
+    A batch holds ``class_ids`` [B] and the image's codes as ``input_ids`` / ``labels`` [B, T]
+    (T = block_size). The model runs on ``[class token, code_0 .. code_{T-2}]`` as upstream trains it,
+    so its T outputs predict all T codes; in the text-to-image view ARRA uses, that sequence is
+
+        input_ids  [CLASS_TOKEN_SLOT, code_0, ..., code_{T-1}]     labels  [IGNORE_INDEX, code_0, ..., code_{T-1}]
+
+    and every position whose next target is an image code (``<HYBNEXT>``) is every one of the T
+    positions, the class token's included. There is no image-start token (``align.target=rep``).
+    """
+
+    module: LlamaGenGPT
+
+    @property
+    def config(self) -> LlamaGenConfig:
+        return self.module.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.resolved_dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.resolved_n_layer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def image_token_ids(self) -> torch.Tensor:
+        return torch.arange(self.config.vocab_size)  # the vocabulary is the VQ codebook
+
+    @property
+    def pad_id(self) -> int:
+        return CODE_PAD_ID
+
+    @property
+    def lm_head(self) -> LMHeadWithLoss:
+        return self.module.output
+
+    @property
+    def input_embedding(self) -> nn.Parameter:
+        return self.module.tok_embeddings.weight
+
+    def layer_output(self, layer: int) -> nn.Module:
+        # As for the Hugging Face backbones: layer L is block L's output, the last one after the final norm.
+        return self.module.norm if layer == self.num_layers else self.module.layers[layer - 1]
+
+    def _check_batch(self, class_ids: torch.Tensor, codes: torch.Tensor) -> None:
+        if codes.shape[1] != self.config.block_size:
+            raise ValueError(
+                f"class-to-image samples hold {codes.shape[1]} codes but model.llamagen.block_size="
+                f"{self.config.block_size}; pre-tokenise at the image size the model is built for "
+                "((image_size / 16) ** 2 codes) or change model.llamagen.block_size"
+            )
+        if bool(((class_ids < 0) | (class_ids >= self.config.num_classes)).any()):
+            raise ValueError(
+                f"class ids {sorted(set(class_ids.tolist()))} fall outside model.llamagen.num_classes="
+                f"{self.config.num_classes}; set it to the data set's class count"
+            )
+
+    def run(self, batch: dict) -> SequenceView:
+        class_ids, codes, labels = batch["class_ids"], batch["input_ids"], batch["labels"]  # [B], [B, T], [B, T]
+        self._check_batch(class_ids, codes)
+        hidden = self.module.forward_hidden(class_ids, codes[:, :-1])  # [B, T, dim]; position t predicts code t
+        class_column = codes.new_full((codes.shape[0], 1), CLASS_TOKEN_SLOT)
+        return SequenceView(
+            input_ids=torch.cat([class_column, codes], dim=1),  # [B, 1 + T]
+            labels=torch.cat([class_column.new_full(class_column.shape, IGNORE_INDEX), labels], dim=1),
+            hidden=hidden,
+        )
+
+
+def build_llamagen_backbone(
+    config: LlamaGenConfig,
+    *,
+    z_loss_weight: float = 0.0,
+    lm_loss_chunk_size: int = 2048,
+    fused_kernels: str = "auto",
+    activation_checkpointing: bool = False,
+    dtype: torch.dtype = torch.float32,
+    gather: GatherContext = no_gather,
+    partitioned: PartitionContext = no_partitioning,
+) -> LlamaGenAdapter:
+    """A randomly initialised LlamaGen GPT for ARRA training (model.source=llamagen).
+
+    Built inside ``partitioned`` (ZeRO-3: each layer's parameters are partitioned as it is created)
+    and initialised through ``gather``; the ``output`` head becomes an ``LMHeadWithLoss`` over the
+    same parameter. ``activation_checkpointing`` (model.activation_checkpointing) or
+    ``config.gradient_checkpointing`` recomputes every block in backward.
+    """
+    if activation_checkpointing and not config.gradient_checkpointing:
+        config = replace(config, gradient_checkpointing=True)
+    with partitioned():
+        model = LlamaGenGPT(config, initialize=False)
+    model.initialize_weights(gather)
+    # Under zero.Init the parameters were created in the training dtype already; cast only otherwise.
+    if next(model.parameters()).dtype != dtype:
+        model.to(dtype)
+    model.output = LMHeadWithLoss(model.output.weight, z_loss_weight, lm_loss_chunk_size, fused_kernels)
+    return LlamaGenAdapter(model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -594,12 +734,14 @@ def load_llamagen_checkpoint(
 
 __all__ = [
     "LLAMAGEN_SIZES",
+    "LlamaGenAdapter",
     "LlamaGenCheckpointError",
     "LlamaGenConfig",
     "LlamaGenGPT",
     "LlamaGenKVCache",
     "apply_2d_rope",
     "build_2d_rope_table",
+    "build_llamagen_backbone",
     "extract_llamagen_state_dict",
     "load_llamagen_checkpoint",
 ]
