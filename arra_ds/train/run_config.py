@@ -85,6 +85,8 @@ class RunConfig:
     def validate(self) -> None:
         for section in (self.model, self.align, self.data, self.optim, self.train):
             section.validate()
+        if self.model.class_conditional:
+            self._check_class_conditional()
         if self.train.eval_every:
             self.eval.validate()
         if self.data.is_demo:  # the demo data must fit the model's vocabulary and the align encoder
@@ -96,8 +98,6 @@ class RunConfig:
                 f"align.layer={self.align.layer} is out of range: the backbone has {num_layers} decoder layers, "
                 f"so use 1..{num_layers} (layer L is Hugging Face hidden_states[L], the output of decoder layer L)"
             )
-        if self.model.class_conditional:
-            self._check_class_conditional()
         if self.data.max_seq_len > self.model.max_positions() > 0:
             raise ConfigError(
                 f"data.max_seq_len={self.data.max_seq_len} exceeds the backbone's max_position_embeddings="
