@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arra_ds.checkpoints import read_trained_backbone
 from arra_ds.errors import ConfigError
+from arra_ds.generate.c2i import ClassSampler, ClassSamplingConfig, load_class_model
+from arra_ds.generate.loading import ModelLoadError, describe_model
 from arra_ds.model.arra import AlignConfig, build_model
 from arra_ds.model.backbone import ModelConfig
 from arra_ds.model.llamagen import LlamaGenConfig
@@ -173,10 +176,17 @@ def test_zero3_two_ranks_train_tiny_arra_base(tmp_path):
     shards = sorted(p.name for p in (run / "checkpoints" / "step_00000016").iterdir())
     assert sum("optim_states" in s for s in shards) == 2, shards  # ZeRO-3: one partition per rank
 
-    from arra_ds.checkpoints import read_trained_backbone  # reads the two partitions back (slow: deepspeed)
-
-    trained = read_trained_backbone(run)
+    trained = read_trained_backbone(run)  # the two ranks' partitions, consolidated
     # upstream init through the ranks' gathers: N(0, 0.02) embeddings, not torch's N(0, 1) default
     assert trained.state_dict["tok_embeddings.weight"].std() < 0.1
     assert sorted(trained.dropped) == ["align_head.fc1.bias", "align_head.fc1.weight", "align_head.fc2.bias",
                                        "align_head.fc2.weight"]
+
+    # the run's checkpoint samples through launch/eval_c2i.py's loader (its own sizes), not the text-to-image one
+    model, description = load_class_model(run, LlamaGenConfig(), torch.float32, "cpu")
+    assert description["kind"] == "trainer_checkpoint" and description["step"] == 16
+    assert torch.equal(model.tok_embeddings.weight, trained.state_dict["tok_embeddings.weight"])
+    codes = ClassSampler(model, ClassSamplingConfig(temperature=0.0)).generate([0, 1], [0, 1])
+    assert codes.shape == (2, GRID, GRID)
+    with pytest.raises(ModelLoadError, match="launch/eval_c2i.py"):
+        describe_model(run)
