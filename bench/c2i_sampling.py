@@ -93,7 +93,8 @@ def main() -> int:
     }
     print(f"GPT {args.size} ({result['parameters'] / 1e6:.1f}M), {result['codes_per_image']} codes/image, CFG {args.cfg_scale}, "
           f"{args.device} {args.dtype}: batched ({args.batch_size}) {result['batched_images_per_s']:.3f} img/s, one at a time "
-          f"{result['one_at_a_time_images_per_s']:.3f} img/s, speed-up {result['speed_up']:.2f}x, identical {identical}/{args.num_images}")
+          f"{result['one_at_a_time_images_per_s']:.3f} img/s, speed-up {result['speed_up']:.2f}x, "
+          f"identical {identical}/{args.num_images}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -93,6 +93,15 @@ def test_samples_codes_classes_and_features(assets, center_run):
         assert np.allclose(sample["feat_clip"].astype(np.float32), feature.float().numpy(), atol=2e-3)
 
 
+def test_processes_and_workers_give_the_same_samples(assets, center_run, tmp_path):
+    _, _, reference = center_run
+    run_pretokenize_imagefolder(config(assets, tmp_path / "procs", num_procs=2, num_workers=1))
+    samples = read_samples(tmp_path / "procs")
+    keys = ["tokens", "class_id", "caption", "uid", "feat_clip"]
+    assert len(samples) == len(reference)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(samples, reference) for k in keys)
+
+
 def test_ten_crops_are_samples_of_their_own(assets, center_run, tmp_path):
     _, _, center = center_run
     out = tmp_path / "ten"

@@ -97,7 +97,9 @@ def check_columns(local_dir: str | Path, feature: str | None, class_conditional:
             "a text-conditional backbone cannot train on them: use model.source=llamagen, or text-to-image data"
         )
     if class_conditional and columns[CLASS_COLUMN] != CLASS_ENCODING:
-        raise SchemaError(f"MDS data set {local_dir}: column '{CLASS_COLUMN}' is {columns[CLASS_COLUMN]}, expected {CLASS_ENCODING}")
+        raise SchemaError(
+            f"MDS data set {local_dir}: column '{CLASS_COLUMN}' is {columns[CLASS_COLUMN]}, expected {CLASS_ENCODING}"
+        )
     unsafe = sorted(name for name, encoding in columns.items() if encoding in UNSAFE_ENCODINGS)
     if unsafe:
         # The MDS reader decodes every column of a sample, so a pickle column would run arbitrary code.
