@@ -59,6 +59,8 @@ def test_help_lists_the_config_keys():
     ("launch/generate.py", ["--prompt", "a red circle", "sampling.guidance=3", "model=nowhere"], "sampling.guidance"),
     ("launch/pretokenize.py", ["input=nowhere.json", "out_dir=out"], "input="),
     ("launch/train.py", ["align.layr=2"], "align.layr"),
+    ("launch/pretokenize_imagefolder.py", ["input=nowhere", "out_dir=out"], "input="),
+    ("launch/eval_c2i.py", ["model=nowhere.pt", "sampling.cfg_scale=0.5", "vq_ckpt=nowhere.pt"], "vq_ckpt="),
 ])
 def test_launchers_print_a_user_error_as_one_line(script, args, where, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=tmp_path, env=subprocess_env(),

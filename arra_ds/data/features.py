@@ -82,6 +82,8 @@ PRESETS: dict[str, EncoderSpec] = {
         "biomedclip", "open_clip", model="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
     ),
     "clip": EncoderSpec("clip", "open_clip", model="ViT-L-14", pretrained="openai"),  # CLIP-L, 768-d
+    # CLIP ViT-B/16, 512-d: the width of ARRA-Base's CLIP target (paper appendix 6)
+    "clip_b16": EncoderSpec("clip_b16", "open_clip", model="ViT-B-16", pretrained="openai"),
     "medsam": EncoderSpec("medsam", "sam", model="flaviagiammarino/medsam-vit-base", aggregation="avgpool"),  # 256-d
     "sam": EncoderSpec("sam", "sam", model="facebook/sam-vit-base", aggregation="avgpool"),  # 256-d
 }

@@ -111,3 +111,18 @@ def sample_top_k(logits: torch.Tensor, top_k: int, temperature: float, uniforms:
     picked = torch.searchsorted(cdf, targets[:, None], right=True)  # [B, 1]
     last_drawable = (probs > 0).sum(dim=-1, keepdim=True) - 1  # u = 1 exactly must not reach a -inf token
     return indices.gather(1, torch.minimum(picked, last_drawable)).squeeze(1)
+
+
+def restrict_to_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens whose probabilities sum to ``top_p`` (the first token
+    that crosses it included, so at least one), set the rest to -inf. logits [B, V] (-inf entries stay
+    out). As Hugging Face's ``top_k_top_p_filtering``, which LlamaGen samples with; ``top_p >= 1`` keeps all."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative > top_p
+    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()  # shift right: the token that crosses top_p stays
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))

@@ -1,10 +1,13 @@
-"""The ARRA model: a Chameleon backbone, the alignment projector A_phi and the combined loss.
+"""The ARRA model: a backbone, the alignment projector A_phi and the combined loss.
 
     L = L_AR + z_w * L_z + lambda * L_GVA
 
 L_AR and L_z come from the chunked LM head (never [B, T, V] logits). L_GVA aligns the output of
 decoder layer ``align.layer`` (Hugging Face ``hidden_states[layer]``, captured with a forward hook)
 at the aligned positions with one global feature per sample. The projector is training-only.
+
+The backbone is reached through a ``BackboneAdapter`` (``model/interface.py``): Chameleon /
+Lumina-mGPT / debug (``model/backbone.py``) or LlamaGen's class-conditional GPT (``model/llamagen.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from torch import nn
 
 from arra_ds.errors import ConfigError
 from arra_ds.kernels import ALIGN_MAX_FEATURE_DIM, gva_loss, projection_alignment_loss
-from arra_ds.model.backbone import GatherContext, ModelConfig, load_backbone, no_gather
+from arra_ds.model.backbone import ModelConfig, build_backbone_adapter
+from arra_ds.model.interface import BackboneAdapter, GatherContext, PartitionContext, no_gather, no_partitioning
 from arra_ds.tokens.layout import IGNORE_INDEX
-from arra_ds.tokens.vocab import REP_TOKEN, ChameleonVocab
+from arra_ds.tokens.vocab import REP_TOKEN
 
 
 @dataclass
@@ -181,15 +185,16 @@ class ARRAOutput:
 
 
 class ARRAModel(nn.Module):
-    def __init__(self, backbone: nn.Module, vocab: ChameleonVocab, align: AlignConfig, fused_kernels: str = "auto"):
+    def __init__(self, adapter: BackboneAdapter, align: AlignConfig, fused_kernels: str = "auto"):
         super().__init__()
-        self.backbone = backbone
-        self.vocab = vocab
+        self.backbone = adapter.module  # registered here: checkpoints name its parameters backbone.*
+        self.adapter = adapter
+        self.vocab = adapter.vocab  # the text vocabulary (None for a class-conditional backbone)
         self.align = align
-        hidden_size = backbone.config.hidden_size
-        num_layers = backbone.config.num_hidden_layers
-        image_token_mask = torch.zeros(backbone.config.vocab_size, dtype=torch.bool)  # [V]
-        image_token_mask[vocab.image_token_ids] = True
+        hidden_size = adapter.hidden_size
+        num_layers = adapter.num_layers
+        image_token_mask = torch.zeros(adapter.vocab_size, dtype=torch.bool)  # [V]
+        image_token_mask[adapter.image_token_ids] = True
         self.register_buffer("image_token_mask", image_token_mask, persistent=False)
         self.align_head: AlignHead | None = None
         self.rep_id = -1  # align.target=rep: id of align.rep_token
@@ -200,16 +205,20 @@ class ARRAModel(nn.Module):
                 raise ValueError("align.feature_dim must be resolved from the data before build_model")
             if not 1 <= align.layer <= num_layers:
                 raise ValueError(f"align.layer={align.layer} out of range 1..{num_layers}")
-            init_std = backbone.config.initializer_range if align.projector_init == "hf" else None
+            init_std = adapter.initializer_range if align.projector_init == "hf" else None
             self.align_head = AlignHead(
                 hidden_size, align.feature_dim, align.projector, align.loss, fused_kernels, init_std=init_std
             )
             if align.target == "rep":  # by name (e.g. <reserved08795>); a clear error if the vocabulary lacks it
-                self.rep_id = vocab.id(align.rep_token)
-            # hidden_states[L] in HF is the output of layers[L-1], except the last entry, which is
-            # taken after the final norm.
-            source = backbone.model.norm if align.layer == num_layers else backbone.model.layers[align.layer - 1]
-            source.register_forward_hook(self._capture_hook)
+                if adapter.vocab is None:
+                    raise ValueError("align.target=rep needs a text vocabulary with the <REP> token; this backbone has none")
+                self.rep_id = adapter.vocab.id(align.rep_token)
+            adapter.layer_output(align.layer).register_forward_hook(self._capture_hook)
+
+    @property
+    def pad_id(self) -> int:
+        """The id the data loader pads sequences with."""
+        return self.adapter.pad_id
 
     def num_parameters(self) -> int:
         """Total parameter count (under ZeRO-3 each parameter's full ``ds_numel``, not the local shard)."""
@@ -217,13 +226,13 @@ class ARRAModel(nn.Module):
 
     def non_embedding_parameters(self) -> int:
         """Parameters without the input embeddings (the N of the FLOPs formula; the LM head is in)."""
-        embed = self.backbone.model.embed_tokens.weight
+        embed = self.adapter.input_embedding
         return self.num_parameters() - getattr(embed, "ds_numel", embed.numel())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of the backbone at sequence length ``seq_len`` (for MFU)."""
-        config = self.backbone.config
-        return training_flops_per_token(self.non_embedding_parameters(), config.num_hidden_layers, config.hidden_size, seq_len)
+        adapter = self.adapter
+        return training_flops_per_token(self.non_embedding_parameters(), adapter.num_layers, adapter.hidden_size, seq_len)
 
     def _check_rep_rows(self, labels: torch.Tensor, rep_rows: torch.Tensor) -> None:
         """target=rep: every row with image tokens to learn must hold the <REP> token, or that row would
@@ -241,22 +250,20 @@ class ARRAModel(nn.Module):
             self._captured = output[0] if isinstance(output, tuple) else output
 
     def forward(self, batch: dict) -> ARRAOutput:
-        input_ids = batch["input_ids"]  # [B, T]
-        labels = batch["labels"]  # [B, T], unshifted
-        attention_mask = batch.get("attention_mask")  # [B, T]
         self._capturing = self.align_head is not None
         self._captured = None
         try:
-            hidden = self.backbone.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state  # [B, T, H]
+            view = self.adapter.run(batch)
         finally:
             self._capturing = False
         layer_hidden, self._captured = self._captured, None
+        input_ids = view.input_ids  # [B, T]
+        labels = view.labels  # [B, T], unshifted
+        hidden = view.hidden  # [B, T-1, H]: positions that predict labels[:, 1:]
 
         shifted_targets = labels[:, 1:]  # [B, T-1]
         supervised = shifted_targets != IGNORE_INDEX
-        lm_loss, ce, z = self.backbone.lm_head(hidden[:, :-1][supervised], targets=shifted_targets[supervised])
+        lm_loss, ce, z = self.adapter.lm_head(hidden[supervised], targets=shifted_targets[supervised])
 
         zero = torch.zeros((), device=hidden.device)
         loss_gva, cos, num_aligned = zero, zero, 0
@@ -288,11 +295,16 @@ class ARRAModel(nn.Module):
 
 
 def build_model(
-    model_cfg: ModelConfig, align_cfg: AlignConfig, dtype: torch.dtype = torch.float32, gather: GatherContext = no_gather
+    model_cfg: ModelConfig,
+    align_cfg: AlignConfig,
+    dtype: torch.dtype = torch.float32,
+    gather: GatherContext = no_gather,
+    partitioned: PartitionContext = no_partitioning,
 ) -> ARRAModel:
-    """The backbone of ``model_cfg`` wrapped for ARRA; ``align_cfg.feature_dim`` must already hold D (from the data)."""
-    backbone, vocab = load_backbone(model_cfg, dtype=dtype, gather=gather)
-    model = ARRAModel(backbone, vocab, align_cfg, model_cfg.fused_kernels)
+    """The backbone of ``model_cfg`` wrapped for ARRA; ``align_cfg.feature_dim`` must already hold D (from the data).
+    ``gather`` / ``partitioned``: the trainer's ZeRO-3 hooks (``model/interface.py``)."""
+    adapter = build_backbone_adapter(model_cfg, dtype=dtype, gather=gather, partitioned=partitioned)
+    model = ARRAModel(adapter, align_cfg, model_cfg.fused_kernels)
     if model.align_head is not None:
         model.align_head.to(dtype)
     return model

@@ -3,8 +3,9 @@ the engine wrapper the training loop drives, and checkpoint save/load.
 
 Model code stays single-device; this module supplies the ZeRO-3 pieces it needs:
 ``HfDeepSpeedConfig`` kept alive while the backbone is built (so ``transformers`` constructs it inside
-``zero.Init`` and no rank materialises the full model) and ``GatheredParameters`` for the few
-weight edits that need a whole tensor.
+``zero.Init`` and no rank materialises the full model), ``zero.Init`` itself for a plain ``nn.Module``
+backbone (LlamaGen; model code enters it through the ``partitioned`` hook) and ``GatheredParameters``
+for the few weight edits that need a whole tensor.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from arra_ds import distributed
 from arra_ds.errors import UserError
 from arra_ds.model.arra import AlignConfig, ARRAModel, ARRAOutput, build_model
 from arra_ds.model.backbone import ModelConfig, no_gather
+from arra_ds.model.interface import no_partitioning
 from arra_ds.train.run_config import TrainConfig
 from arra_ds.train.optim import OptimConfig, param_groups
 
@@ -163,6 +165,11 @@ def _gather_for_edit(params):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
 
 
+def _partitioned_construction(ds_config: dict):
+    """ZeRO-3: a context factory in which modules are built with their parameters partitioned over the ranks."""
+    return lambda: deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
 class Engine:
     """The DeepSpeed engine behind a small interface the loop needs (forward/backward/step/save)."""
 
@@ -173,7 +180,10 @@ class Engine:
         zero3 = zero_stage(ds_config) == 3
         # Must stay referenced while the model is built: transformers reads it through a weakref.
         hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
-        model = build_model(model_cfg, align_cfg, dtype=dtype, gather=_gather_for_edit if zero3 else no_gather)
+        model = build_model(
+            model_cfg, align_cfg, dtype=dtype, gather=_gather_for_edit if zero3 else no_gather,
+            partitioned=_partitioned_construction(ds_config) if zero3 else no_partitioning,
+        )
         del hf_ds_config
 
         groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_params)

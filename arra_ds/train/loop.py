@@ -13,7 +13,6 @@ with ``REQUEUE_EXIT_CODE``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -40,7 +39,6 @@ from arra_ds.errors import UserError
 from arra_ds.eval.train_eval import TrainEvaluator
 from arra_ds.io import atomic_write_json
 from arra_ds.model.arra import ARRAModel
-from arra_ds.model.backbone import ModelConfig
 from arra_ds.train import checkpoint as ckpt
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config
 from arra_ds.train.flops import peak_flops
@@ -91,12 +89,6 @@ def resolve_data_path(data: DataConfig, demo: DemoDataConfig, seed: int) -> str:
     return str(location)
 
 
-def backbone_hidden_size(model: ModelConfig) -> int:
-    if model.source == "debug":
-        return model.debug.hidden_size
-    return int(json.loads((Path(model.path) / "config.json").read_text())["hidden_size"])
-
-
 def run_training(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     """Train per ``cfg`` (a validated RunConfig) with the DeepSpeed JSON at ``ds_config_path``."""
     init_distributed()
@@ -117,12 +109,12 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     # ---- data (D comes from it) -----------------------------------------------------------------
     remote, local = streaming_location(cfg.data, resolve_data_path(cfg.data, cfg.demo, cfg.seed))
     feature_column = cfg.align.feature_column if cfg.align.enabled else None
-    dataset = build_dataset(cfg.data, micro, cfg.seed, feature_column, remote, local)
+    dataset = build_dataset(cfg.data, micro, cfg.seed, feature_column, remote, local, cfg.model.class_conditional)
     if cfg.align.enabled:
         cfg.align.feature_dim = resolve_feature_dim(cfg.align, feature_dim_of(dataset, feature_column))
         dataset.converter.feature_dim = cfg.align.feature_dim  # every later sample must have this width
 
-    ds_config = fill_ds_config(load_ds_config(ds_config_path), cfg.train, cfg.optim, world, backbone_hidden_size(cfg.model))
+    ds_config = fill_ds_config(load_ds_config(ds_config_path), cfg.train, cfg.optim, world, cfg.model.hidden_size())
     if is_rank0:
         save_config(cfg, run_dir / RUN_CONFIG_FILE)
         atomic_write_json(run_dir / "ds_config.json", ds_config)
@@ -133,7 +125,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     engine = Engine(cfg.model, cfg.align, cfg.optim, ds_config)  # identical initialisation on every rank
     model: ARRAModel = engine.model
     distributed.seed_everything(distributed.rank_seed(cfg.seed))  # then each rank draws its own dropout masks
-    loader = build_dataloader(dataset, cfg.data, micro, model.vocab.pad_id, cfg.seed)
+    loader = build_dataloader(dataset, cfg.data, micro, model.pad_id, cfg.seed)
 
     # ---- resume -------------------------------------------------------------------------------
     if is_rank0:
