@@ -16,7 +16,7 @@ from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor
 from arra_ds.data.pretokenize import PretokenizeConfig
 from arra_ds.model.arra import ARRAModel
 from arra_ds.model.backbone import (
-    ModelConfig, ResidualDropout, add_residual_dropout, build_backbone_skeleton, debug_chameleon_config, load_backbone,
+    ChameleonAdapter, ModelConfig, ResidualDropout, add_residual_dropout, build_backbone_skeleton, debug_chameleon_config, load_backbone,
 )
 from arra_ds.tokens.layout import ImageGrid
 from arra_ds.tokens.vocab import build_debug_vocab
@@ -99,7 +99,7 @@ def test_recipe_builds_the_7b_shape_without_weights(recipe, tmp_path):
     assert len(hooks) == 2 * 32 and {h.p for h in hooks} == {0.05}  # attention + MLP output of every layer
     cfg.align.feature_dim = BIOMEDCLIP_DIM  # from the data in a real run
     torch.manual_seed(0)
-    model = ARRAModel(backbone, vocab, cfg.align)
+    model = ARRAModel(ChameleonAdapter(backbone, vocab), cfg.align)
     fc1, fc2 = model.align_head.fc1, model.align_head.fc2
     assert fc1.weight.shape == (BIOMEDCLIP_DIM, 4096) and fc2.weight.shape == (BIOMEDCLIP_DIM, BIOMEDCLIP_DIM)
     for linear in (fc1, fc2):  # the reference's HF _init_weights
