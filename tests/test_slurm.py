@@ -2,13 +2,15 @@
 
 The job runs 2 nodes x 1 CPU rank with the debug config; once it has logged step 3 the test sends
 Slurm's warning signal (scancel --signal=USR1, what --signal=USR1@120 does before the time limit).
-The ranks save a checkpoint and exit with the requeue code, the sbatch script requeues the job, and
-the second start resumes and finishes. The cluster comes from scripts/slurm_cluster.sh (started here
+The ranks save a checkpoint and exit with the requeue code, the sbatch script requeues the job, the
+test shrinks the pending job to one node (as a cluster short of nodes would give it), and the second
+start resumes the 2-rank checkpoint on 1 rank (elastic resume, same sbatch script) and finishes. The cluster comes from scripts/slurm_cluster.sh (started here
 and stopped afterwards unless it was already running).
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,6 +109,9 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
             # Slurm holds a requeued job back for a while; start it now, once both nodes have finished
             # the first run
             if _nodes_idle():
+                # the requeued job comes back on one node: the 2-rank checkpoint resumes on 1 rank
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1"], env=_slurm_env(), check=True,
+                               timeout=30)
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=_slurm_env(), timeout=30)
                 released = True
         time.sleep(1)
@@ -116,12 +121,14 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
 
     # two starts on both nodes, the first preempted and requeued by the sbatch script
     assert job["Restarts"] == "1" and job["ExitCode"] == "0:0"
-    assert "start 0: 2 nodes (node1 node2) x 1 ranks" in log and "start 1: 2 nodes (node1 node2) x 1 ranks" in log
+    assert "start 0: 2 nodes (node1 node2) x 1 ranks" in log and re.search(r"start 1: 1 nodes \(node[12]\) x 1 ranks", log)
     assert "received SIGUSR1" in log and f"job {job_id} preempted: checkpoint written, requeueing" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == MAX_STEPS and not summary["preempted"]
     assert 3 <= summary["resumed_from_step"] < MAX_STEPS
-    assert f"resumed from {run_dir / 'checkpoints' / checkpoints.tag_for(summary['resumed_from_step'])}" in log
+    resumed_from = run_dir / "checkpoints" / checkpoints.tag_for(summary["resumed_from_step"])
+    assert f"resumed from {resumed_from}" in log and "on 1 rank(s), written by 2" in log
+    assert checkpoints.verify(resumed_from / checkpoints.UNIVERSAL_DIR)["world_size"] == 2  # converted once
 
     # the run reads like an uninterrupted one: every step logged once, every sample once per epoch
     assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))
@@ -131,5 +138,8 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
                    for uid in line["uids"]]
     assert len(first_epoch) == len(set(first_epoch)) == 48  # all 48 demo samples, none twice
     assert checkpoints.read_latest(run_dir / "checkpoints") == checkpoints.tag_for(MAX_STEPS)
-    assert checkpoints.verify(run_dir / "checkpoints" / checkpoints.tag_for(MAX_STEPS))["world_size"] == 2
+    assert checkpoints.verify(run_dir / "checkpoints" / checkpoints.tag_for(MAX_STEPS))["world_size"] == 1
+    # the global batch of the first start (micro batch 4 x 2 ranks) is kept on 1 rank
+    assert [r["samples_seen"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [
+        8 * step for step in range(1, MAX_STEPS + 1)]
     shutil.rmtree(work, ignore_errors=True)

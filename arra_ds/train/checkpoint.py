@@ -110,9 +110,9 @@ def keep_global_batch(train: TrainConfig, resumed: TrainerState | None, world: i
         if train.global_batch_size % (train.micro_batch_size * world):
             raise CheckpointError(
                 f"the checkpoint at step {resumed.step} trained with a global batch of {resumed.global_batch_size} "
-                f"samples, which {world} ranks x train.micro_batch_size={train.micro_batch_size} cannot make up: "
-                f"pick a micro batch that divides {resumed.global_batch_size // world if resumed.global_batch_size >= world else resumed.global_batch_size}"
-                f" (per rank), or set train.global_batch_size explicitly to change the global batch"
+                f"samples, which is not a multiple of {world} ranks x train.micro_batch_size={train.micro_batch_size} = "
+                f"{world * train.micro_batch_size} samples per micro-step: pick a train.micro_batch_size that makes it "
+                "one, or set train.global_batch_size to change the global batch"
             )
         return
     train.global_batch_size = train.micro_batch_size * world

@@ -4,7 +4,10 @@ One "step" is one optimizer update = ``grad_accum_steps`` micro-batches per rank
 are ``step_<n>`` where n updates are done; ``train.resume=auto`` continues from ``checkpoints/latest``
 (see ``arra_ds/train/checkpoint.py`` for the atomic layout). A resumed run restores the engine, the
 streaming loader position, every rank's RNG states and the counters, so from the checkpoint on its
-``metrics.jsonl`` equals the uninterrupted run's and it sees every sample exactly once per epoch.
+``metrics.jsonl`` equals the uninterrupted run's and it sees every sample exactly once per epoch. On
+another number of ranks it resumes too (through DeepSpeed's universal checkpoint form), keeping the
+checkpoint's global batch and canonical node count (the global sample order); only per-rank RNG
+streams cannot carry over, so it matches the uninterrupted run up to fp32 summation order and dropout.
 
 SIGTERM/SIGUSR1 (``arra_ds/train/preemption.py``) end the run at the next step boundary with a
 checkpoint; ``run_training`` then returns a summary with ``preempted: true`` and the launcher exits
