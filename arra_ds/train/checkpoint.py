@@ -230,7 +230,11 @@ def _convert(engine, ckpt_dir: Path, manifest: dict, target: Path) -> None:
     )
     start = time.perf_counter()
     partial.mkdir()
-    engine.to_universal(ckpt_dir, partial)
+    try:
+        engine.to_universal(ckpt_dir, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed conversion leaves nothing behind
+        raise
     if os.environ.get(KILL_DURING_CONVERSION_ENV):
         os.kill(os.getpid(), signal.SIGKILL)
     files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}

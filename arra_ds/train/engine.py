@@ -19,6 +19,7 @@ from typing import Any, ContextManager, Iterable
 
 import deepspeed
 import torch
+from deepspeed.checkpoint import ds_to_universal
 from transformers.integrations import HfDeepSpeedConfig
 
 from arra_ds import distributed
@@ -31,8 +32,6 @@ from arra_ds.train.optim import OptimConfig, param_groups
 AUTO = "auto"
 # ds_config["checkpoint"][LOAD_UNIVERSAL_KEY]: DeepSpeed's switch for loading a universal checkpoint.
 LOAD_UNIVERSAL_KEY = "load_universal"
-# Where DeepSpeed's converter writes the name of the converted tag (next to the tag directory).
-LATEST_UNIVERSAL = "latest_universal"
 
 
 class DSConfigError(UserError, ValueError):
@@ -251,7 +250,7 @@ class Engine:
         # load is universal depends on the checkpoint, not on the run, so it is set for this call only.
         config = self.engine._config
         was_universal = config.load_universal_checkpoint
-        hyperparams = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        weight_decays = [group["weight_decay"] for group in self.optimizer.param_groups]  # per group (optim.py)
         config.load_universal_checkpoint = universal
         try:
             path, _ = self.engine.load_checkpoint(str(ckpt_root), tag=tag)
@@ -260,21 +259,23 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no model states for {Path(ckpt_root) / tag}")
         if universal:
-            self._repair_after_universal_load(hyperparams)
+            self._repair_after_universal_load(weight_decays)
 
-    def _repair_after_universal_load(self, hyperparams: list[dict]) -> None:
+    def _repair_after_universal_load(self, weight_decays: list[float]) -> None:
         """Undo two shortcuts of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
         ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``):
 
         - it copies the hyper-parameters of parameter group 0 into every group, which would give the
-          no-decay group (norms, biases) group 0's weight decay: each group gets its own back (the
-          learning rate is set before every step anyway);
+          no-decay group (norms, biases) group 0's weight decay: each group gets its own back, as the
+          run config sets it (the learning rate is set before every step anyway; betas and eps are
+          the same in every group);
         - it stores one and the same ``step`` tensor in the state of every parameter partition, and
           torch's Adam increments ``step`` in place, once per partition, so with G groups the bias
-          correction would advance G steps per update: each partition gets its own copy.
+          correction would advance G steps per update: each partition gets its own copy (DeepSpeed's
+          own Adam kernels keep ``step`` as a Python int, which is never shared).
         """
-        for group, saved in zip(self.optimizer.param_groups, hyperparams):
-            group.update(saved)
+        for group, weight_decay in zip(self.optimizer.param_groups, weight_decays):
+            group["weight_decay"] = weight_decay
         if zero_stage(self.ds_config) != 3:
             return
         base_state = self.optimizer.optimizer.state
@@ -296,9 +297,6 @@ def convert_to_universal(checkpoint_dir: str | Path, output_dir: str | Path) -> 
     Runs in this process, one worker: a process pool forked from a rank that holds a process group
     (and possibly a CUDA context) is not safe. It reads and writes the optimizer state about twice.
     """
-    # imported here: the converter pulls in DeepSpeed's checkpoint tooling, needed only for this
-    from deepspeed.checkpoint import ds_to_universal
-
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     converted = output_dir / checkpoint_dir.name
     args = argparse.Namespace(
