@@ -39,10 +39,9 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     pad_to_multiple_of: int = 8  # pad T to a multiple of this (tensor-core friendly)
-    # fixes the global sample order together with the seed (whatever the number of ranks and nodes);
-    # 0 = the number of nodes of the run's first start (streaming's default). A resumed run keeps its
-    # checkpoint's value; the run config records the value in use
-    num_canonical_nodes: int = 0
+    # with the seed, fixes the global sample order for any number of ranks and nodes; the run config
+    # records the value in use
+    num_canonical_nodes: int = 0  # 0 = nodes of the first start (streaming's default); a resume keeps the checkpoint's
 
     @property
     def is_demo(self) -> bool:
