@@ -13,8 +13,9 @@ checkpoint after every step, no dropout. The launches, shared by all tests here:
 
 2 ranks x 1 micro-batch and 1 rank x 2 accumulated micro-batches sum the same per-sample gradients
 in another order, so the resumed runs match the reference up to fp32 reduction order: the bounds are
-LOSS_RTOL and STATE_TOL (measured: losses within 1e-7 relative, weights within 1e-6 and Adam's
-moments within 1e-5 of their largest value).
+LOSS_RTOL and STATE_TOL. Measured (2 CPU cores, torch 2.14): losses within 1.2e-7 relative; after
+the first resumed step, weights within 9.2e-7 (2 -> 1, three steps of drift) and 1.4e-8 (1 -> 2) and
+Adam's moments within 2.8e-7 of their largest value.
 """
 
 import hashlib
@@ -45,7 +46,7 @@ RESUME_STEP = 3
 WEIGHT_DECAY = 0.05
 LOSS_RTOL = 1e-5  # losses, relative
 # max |resumed - reference| over all parameters <= STATE_TOL x max |reference|, per state
-STATE_TOL = {"fp32": 1e-5, "exp_avg": 1e-4, "exp_avg_sq": 1e-4}
+STATE_TOL = {"fp32": 1e-5, "exp_avg": 1e-5, "exp_avg_sq": 1e-5}
 LOSS_KEYS = ("loss", "loss_ar", "loss_gva", "loss_z", "cos")
 
 
