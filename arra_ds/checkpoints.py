@@ -11,6 +11,9 @@ Layout of a run directory:
         rng_rank_00000.pt ...  each rank's RNG states (loaded with torch.load(weights_only=True))
         trainer_state.json     step, samples seen, streaming loader state, skip counters, world size
         manifest.json          every file with its size, the commit order and time; written last
+        universal/             DeepSpeed's universal form of this checkpoint (per parameter: fp32 weights and
+                               Adam's moments), written on the first resume with another number of ranks and
+                               kept as a cache (own manifest.json; ``universal.partial/`` while converting)
       step_00000200.partial/   a save in progress, or one interrupted by a crash: never loaded
 
 On load the manifest (file sizes) and the zip CRCs of the torch files are checked first, so a
@@ -42,6 +45,7 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 PARTIAL_SUFFIX = ".partial"
+UNIVERSAL_DIR = "universal"  # inside a tag directory: its DeepSpeed universal form (elastic resume)
 REPLACED_SUFFIX = ".replaced"
 FORMAT_VERSION = 1
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")

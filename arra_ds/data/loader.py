@@ -39,7 +39,9 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     pad_to_multiple_of: int = 8  # pad T to a multiple of this (tensor-core friendly)
-    num_canonical_nodes: int = 0  # 0 = streaming's default; keep fixed across resumes
+    # with the seed, fixes the global sample order for any number of ranks and nodes; the run config
+    # records the value in use
+    num_canonical_nodes: int = 0  # 0 = nodes of the first start (streaming's default); a resume keeps the checkpoint's
 
     @property
     def is_demo(self) -> bool:
@@ -82,6 +84,28 @@ def remove_stale_shared_memory() -> None:
                 flush=True,
             )
     distributed.barrier()
+
+
+def physical_nodes() -> int:
+    """Nodes of this run as streaming counts them (ranks / ranks per node)."""
+    ensure_streaming_env()
+    world = distributed.world_size()
+    return max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def resolve_canonical_nodes(cfg: DataConfig, loader_state: dict | None) -> int:
+    """The canonical node count for this start: the resumed checkpoint's (it fixed the sample order so
+    far), else ``data.num_canonical_nodes``, else this run's node count (streaming's own default)."""
+    saved = (loader_state or {}).get("num_canonical_nodes")
+    if saved:
+        if cfg.num_canonical_nodes and cfg.num_canonical_nodes != saved:
+            raise ConfigError(
+                f"data.num_canonical_nodes={cfg.num_canonical_nodes}, but the checkpoint's sample order was built with "
+                f"{saved} canonical nodes and a resumed run must keep it (else samples repeat or go missing in this "
+                f"epoch); drop the override or set data.num_canonical_nodes={saved}"
+            )
+        return int(saved)
+    return cfg.num_canonical_nodes or physical_nodes()
 
 
 def streaming_location(cfg: DataConfig, resolved_path: str) -> tuple[str | None, str]:

@@ -4,7 +4,10 @@ One "step" is one optimizer update = ``grad_accum_steps`` micro-batches per rank
 are ``step_<n>`` where n updates are done; ``train.resume=auto`` continues from ``checkpoints/latest``
 (see ``arra_ds/train/checkpoint.py`` for the atomic layout). A resumed run restores the engine, the
 streaming loader position, every rank's RNG states and the counters, so from the checkpoint on its
-``metrics.jsonl`` equals the uninterrupted run's and it sees every sample exactly once per epoch.
+``metrics.jsonl`` equals the uninterrupted run's and it sees every sample exactly once per epoch. On
+another number of ranks it resumes too (through DeepSpeed's universal checkpoint form), keeping the
+checkpoint's global batch and canonical node count (the global sample order); only per-rank RNG
+streams cannot carry over, so it matches the uninterrupted run up to fp32 summation order and dropout.
 
 SIGTERM/SIGUSR1 (``arra_ds/train/preemption.py``) end the run at the next step boundary with a
 checkpoint; ``run_training`` then returns a summary with ``preempted: true`` and the launcher exits
@@ -30,6 +33,7 @@ from arra_ds.data.loader import (
     build_dataset,
     feature_dim_of,
     remove_stale_shared_memory,
+    resolve_canonical_nodes,
     resolve_feature_dim,
     streaming_location,
 )
@@ -104,6 +108,17 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     run_dir = Path(cfg.output_dir)
     ckpt_root = run_dir / CHECKPOINTS_DIR
     micro = cfg.train.micro_batch_size
+
+    # ---- the checkpoint to resume: it fixes the global batch and the sample order ------------------
+    if is_rank0:
+        interrupted = ckpt.clean_interrupted(ckpt_root)
+        if interrupted:
+            print(f"removed interrupted checkpoint saves {interrupted} from {ckpt_root}", flush=True)
+    distributed.barrier()
+    resume_dir = resolve_resume(cfg.train.resume, ckpt_root)
+    resumed = ckpt.read_trainer_state(resume_dir) if resume_dir is not None else None
+    ckpt.keep_global_batch(cfg.train, resumed, world)  # the run config records what this start uses
+    cfg.data.num_canonical_nodes = resolve_canonical_nodes(cfg.data, resumed.loader if resumed else None)
     accum = cfg.train.grad_accum_steps(world)
 
     # ---- data (D comes from it) -----------------------------------------------------------------
@@ -128,25 +143,21 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     loader = build_dataloader(dataset, cfg.data, micro, model.pad_id, cfg.seed)
 
     # ---- resume -------------------------------------------------------------------------------
-    if is_rank0:
-        interrupted = ckpt.clean_interrupted(ckpt_root)
-        if interrupted:
-            print(f"removed interrupted checkpoint saves {interrupted} from {ckpt_root}", flush=True)
-    distributed.barrier()
-    state = ckpt.TrainerState(world_size=world)
-    resume_dir = resolve_resume(cfg.train.resume, ckpt_root)
+    state = ckpt.TrainerState()
     if resume_dir is not None:
-        state = ckpt.load_checkpoint(engine, resume_dir)
+        state = ckpt.load_checkpoint(engine, resume_dir, cfg.seed)
         loader.load_state_dict(state.loader)
-        distributed.print0(f"resumed from {resume_dir} at step {state.step} ({state.samples_seen} samples seen)")
+        elastic = f" on {world} rank(s), written by {state.world_size}" if state.world_size != world else ""
+        distributed.print0(f"resumed from {resume_dir} at step {state.step} ({state.samples_seen} samples seen){elastic}")
     elif cfg.train.resume == "auto":
         distributed.print0(f"train.resume=auto: no checkpoint in {ckpt_root}, starting fresh")
+    state.world_size, state.global_batch_size = world, cfg.train.global_batch_size  # what the next save records
     start_step = state.step
     ckpt.ensure_disk_space(ckpt_root, engine.num_parameters())
 
     resume_step = start_step if resume_dir is not None else None
     logger = MetricsLogger(run_dir, is_rank0, cfg.train.tensorboard, resume_step=resume_step)
-    sample_log = SampleLog(run_dir, distributed.rank(), cfg.train.log_samples, resume_step)
+    sample_log = SampleLog(run_dir, distributed.rank(), cfg.train.log_samples, resume_step, world)
     evaluator = None
     if cfg.train.eval_every:
         evaluator = TrainEvaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, source=local)

@@ -36,7 +36,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "debug.yaml"
 class TrainConfig:
     max_steps: int = 200
     micro_batch_size: int = 8  # per rank
-    global_batch_size: int = 0  # samples per optimizer step over all ranks; 0 = micro * world
+    global_batch_size: int = 0  # samples per optimizer step over all ranks; 0 = micro * ranks of the first start
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on preemption)
