@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the working tree that the device tool copied there with .gpu_wheels/
 # carried along: installs what bench/gpu/wheels.txt lists into the device's own Python (PYTHON, default
-# python3) with no network, leaving its torch and triton alone, then imports everything and prints versions.
+# python3, there the one that holds torch) with no network, leaving its torch and triton alone, then
+# imports everything (the device's own packages that the code needs too) and prints versions.
 # Exits non-zero, saying what is missing, when anything does not install or import.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -31,7 +32,8 @@ export DS_BUILD_OPS=0
 plan=$(manifest plan "$WHEELS") || die "the wheelhouse is incomplete (see above)"
 mapfile -t reqs <<<"$plan"
 echo "install_offline: installing ${#reqs[@]} packages from $WHEELS/: ${reqs[*]}"
-"$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps --no-build-isolation "${reqs[@]}" \
+"$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps --no-build-isolation \
+    --no-compile --no-cache-dir "${reqs[@]}" \
     || die "pip could not install from $WHEELS/ (see pip's message above)"
 
 after=$(torch_triton) || die "torch or triton no longer imports after the install"

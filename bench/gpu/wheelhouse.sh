@@ -14,12 +14,13 @@ manifest() { "$PYTHON" bench/gpu/wheel_manifest.py "$@"; }
 mkdir -p "$WHEELS"
 manifest prune "$WHEELS"
 
-# Binaries for the device's interpreter, not this one. manylinux_2_28 because the device's torch 2.11 wheel
-# already needs glibc 2.28; manylinux2014 for the wheels that are only tagged that way (pip accepts the
-# older tags under both). --no-deps: the manifest lists every dependency the device lacks, on purpose.
+# Binaries for the device's interpreter (CPython 3.12), not this one. pip matches each manylinux tag
+# exactly, so every tag up to 2_28 (the device's torch 2.11 wheel already needs glibc 2.28) that the wheels
+# use is named. --no-deps: the manifest lists every dependency the device lacks, on purpose.
 mapfile -t binary_reqs < <(manifest reqs --skip deepspeed)
-"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: \
-    --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     --dest "$WHEELS" "${binary_reqs[@]}"
 
 # DeepSpeed is on PyPI as an sdist only. Building it needs nothing but setuptools: with DS_BUILD_OPS=0 no op
