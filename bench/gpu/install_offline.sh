@@ -4,14 +4,33 @@
 # python3, there the one that holds torch) with no network, leaving its torch and triton alone, then
 # imports everything (the device's own packages that the code needs too) and prints versions.
 # Exits non-zero, saying what is missing, when anything does not install or import.
+#   --dry-run: print what would be installed (the plan for this interpreter when .gpu_wheels/ is here, else
+#   the manifest's list) and exit, without pip or imports (bench/gpu/run.sh --cpu-smoke uses it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+DRY_RUN=0
+case "${1:-}" in
+    --dry-run) DRY_RUN=1 ;;
+    "") ;;
+    *) echo "usage: bash bench/gpu/install_offline.sh [--dry-run]" >&2; exit 2 ;;
+esac
 
 WHEELS=.gpu_wheels
 PYTHON=${PYTHON:-python3}
 die() { echo "install_offline: ERROR: $*" >&2; exit 1; }
 manifest() { "$PYTHON" bench/gpu/wheel_manifest.py "$@"; }
 
+if [ "$DRY_RUN" = 1 ]; then
+    if [ -d "$WHEELS" ]; then
+        echo "install_offline: dry run: would install from $WHEELS/ into $PYTHON:"
+        manifest plan "$WHEELS"
+    else
+        echo "install_offline: dry run: no $WHEELS/ here (bench/gpu/wheelhouse.sh fills it); the manifest lists:"
+        manifest reqs
+    fi
+    exit 0
+fi
 [ -d "$WHEELS" ] || die "no $WHEELS/ here: run bench/gpu/wheelhouse.sh before the device call and pass carry=[\"$WHEELS\"]"
 command -v "$PYTHON" >/dev/null || die "no $PYTHON on PATH (set PYTHON to the device's Python 3.12)"
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' 2>/dev/null \
