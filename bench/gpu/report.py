@@ -231,8 +231,13 @@ def generate_section(summary: dict) -> list[str]:
 
 
 def render_markdown(summary: dict) -> str:
-    lines = header(summary) + tests_section(summary) + kernels_section(summary) + train_section(summary)
-    lines += generate_section(summary)
+    lines = []
+    for section in (header, tests_section, kernels_section, train_section, generate_section):
+        try:
+            lines += section(summary)
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+            # a result of an unexpected shape (a bench script changed) costs its section, not the report
+            lines += ["", f"({section.__name__} could not be rendered: {type(e).__name__}: {e}; see summary.json)"]
     return "\n".join(lines) + "\n"
 
 

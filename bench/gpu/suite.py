@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import render_markdown, render_short  # noqa: E402
+import report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -312,8 +312,12 @@ class Suite:
         tmp = self.out / ".summary.json.tmp"
         tmp.write_text(json.dumps(self.summary, indent=1))
         os.replace(tmp, self.out / "summary.json")
+        try:
+            markdown = report.render_markdown(self.summary)
+        except Exception as e:  # noqa: BLE001 - a report bug must not stop the measurements; summary.json has all
+            markdown = f"report.py failed on this summary ({type(e).__name__}: {e}); rerun it on summary.json\n"
         tmp = self.out / ".RESULTS_gpu.md.tmp"
-        tmp.write_text(render_markdown(self.summary))
+        tmp.write_text(markdown)
         os.replace(tmp, self.out / "RESULTS_gpu.md")
 
     def run(self) -> dict:
@@ -439,7 +443,7 @@ def main(argv=None) -> int:
         print(f"[suite] note: {out} already holds {stray}; the device tool returns at most {MAX_OUT_FILES} files")
     suite = Suite(plan, out, args.cpu_smoke, args.command or shlex.join([sys.executable, *sys.argv]), sys.executable)
     summary = suite.run()
-    print(render_short(summary), flush=True)
+    print(report.render_short(summary), flush=True)
     failed = [s for p in summary["parts"] for s in p["steps"] if s["status"] in ("failed", "timeout")]
     return 1 if failed else 0
 
