@@ -24,4 +24,4 @@ if [ "$have_out" = 0 ]; then
     args+=(--out "$OUT")
 fi
 export PYTHONUNBUFFERED=1
-exec "$PYTHON" bench/gpu/suite.py --command "bash bench/gpu/run.sh $*" "${args[@]}"
+exec "$PYTHON" bench/gpu/suite.py --command "bash bench/gpu/run.sh${*:+ $*}" "${args[@]}"

@@ -61,6 +61,16 @@ FALLBACK_LAYERS = 8
 # Generation: 16 of the 32 layers (the batched / one-at-a-time ratio is per layer; all 32 at one image at a
 # time would take most of a minute on their own).
 GENERATE_LAYERS = 16
+# Seconds each step may take: (on the GPU, in --cpu-smoke). The GPU column's primary steps add up to 455 s,
+# the install included: under the issue's 9 minutes, leaving device time for one rerun. The fallback steps
+# run inside the train part's budget. (bench/gpu/README.md gives the reasons for each size.)
+BUDGET_S = {
+    "install": (45, 30), "env": (20, 60), "nvidia-smi": (5, 10), "pytest": (70, 120),
+    "align_kernel": (35, 120), "lm_loss": (60, 120),
+    "train arra": (85, 150), "train ar": (65, 150), "fallback arra": (45, 150), "fallback ar": (40, 150),
+    "generate": (40, 120), "pretokenize": (30, 120),
+}  # fmt: skip
+SMOKE_TRAIN_LAYERS = (2, 1)  # the debug model's depth in --cpu-smoke, and its fallback
 MIN_STEP_S = 5  # a step with less time than this left is not started
 ECHO_CHARS = 4000  # of a setup step's output, printed to the console too
 
@@ -115,15 +125,16 @@ def build_plan(smoke: bool, parts: list[str], train_layers: int = FULL_LAYERS) -
         # CPU only, even where a GPU is visible; Triton kernels in the interpreter (set before torch loads).
         common.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
 
-    def step(part, name, argv, budget, result="", env=None, needs=""):
+    def step(part, name, argv, budget_key, result="", env=None, needs=""):
+        budget = BUDGET_S[budget_key][1 if smoke else 0]
         return Step(part, name, argv, budget, result, {**common, **(env or {})}, needs, echo=part == "setup")
 
     plan = [
         Part("setup", "offline install, versions, nvidia-smi", "setup.log", [
             step("setup", "install", ["bash", "bench/gpu/install_offline.sh", *(["--dry-run"] if smoke else [])],
-                 30 if smoke else 45, env={"PYTHON": py}),
-            step("setup", "env", [py, "bench/gpu/env_info.py", "--out", "{json}"], 60 if smoke else 20, "env"),
-            step("setup", "nvidia-smi", ["nvidia-smi"], 10 if smoke else 5, needs="nvidia-smi"),
+                 "install", env={"PYTHON": py}),
+            step("setup", "env", [py, "bench/gpu/env_info.py", "--out", "{json}"], "env", "env"),
+            step("setup", "nvidia-smi", ["nvidia-smi"], "nvidia-smi", needs="nvidia-smi"),
         ]),
     ]  # fmt: skip
 
@@ -137,7 +148,7 @@ def build_plan(smoke: bool, parts: list[str], train_layers: int = FULL_LAYERS) -
             if importlib.util.find_spec("pytest_timeout"):
                 pytest += ["--timeout", "60"]
         plan.append(Part("tests", "gpu-marked tests", "tests.log", [
-            step("tests", "pytest -m gpu", pytest, 120 if smoke else 70, env={"OMP_NUM_THREADS": "2"}),
+            step("tests", "pytest -m gpu", pytest, "pytest", env={"OMP_NUM_THREADS": "2"}),
         ]))  # fmt: skip
 
     if "kernels" in parts:
@@ -150,9 +161,9 @@ def build_plan(smoke: bool, parts: list[str], train_layers: int = FULL_LAYERS) -
             align, lm = [], []  # the scripts' defaults: the 7B shapes, CUDA, bf16
         plan.append(Part("kernels", "kernel benchmarks at the 7B shapes", "kernels.log", [
             step("kernels", "align_kernel", [py, "bench/align_kernel.py", *align, "--out", "{json}"],
-                 120 if smoke else 35, "align_kernel"),
+                 "align_kernel", "align_kernel"),
             step("kernels", "lm_loss", [py, "bench/lm_loss.py", *lm, "--out", "{json}"],
-                 120 if smoke else 60, "lm_loss"),
+                 "lm_loss", "lm_loss"),
         ]))  # fmt: skip
 
     if "train" in parts:
@@ -169,14 +180,14 @@ def build_plan(smoke: bool, parts: list[str], train_layers: int = FULL_LAYERS) -
 
         # expandable segments: less fragmentation with 7B of ZeRO-3 partitions on one GPU
         env = {} if smoke else {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-        layers, fallback = (2, 1) if smoke else (train_layers, FALLBACK_LAYERS)
-        budgets = (150, 150, 150, 150) if smoke else (85, 65, 45, 40)
+        layers, fallback = SMOKE_TRAIN_LAYERS if smoke else (train_layers, FALLBACK_LAYERS)
         plan.append(Part(
-            "train", f"Chameleon-7B training step, {layers} layers, ARRA on and off", "train.log",
-            [step("train", f"arra {layers}L", train_argv(layers, "arra"), budgets[0], "train.arra", env),
-             step("train", f"ar {layers}L", train_argv(layers, "ar"), budgets[1], "train.ar", env)],
-            fallback=[step("train", f"arra {fallback}L", train_argv(fallback, "arra"), budgets[2], "train.arra", env),
-                      step("train", f"ar {fallback}L", train_argv(fallback, "ar"), budgets[3], "train.ar", env)],
+            "train", f"{'debug' if smoke else 'Chameleon-7B'} training step, {layers} layers, ARRA on and off",
+            "train.log",
+            [step("train", f"arra {layers}L", train_argv(layers, "arra"), "train arra", "train.arra", env),
+             step("train", f"ar {layers}L", train_argv(layers, "ar"), "train ar", "train.ar", env)],
+            fallback=[step("train", f"arra {fallback}L", train_argv(fallback, "arra"), "fallback arra", "train.arra", env),
+                      step("train", f"ar {fallback}L", train_argv(fallback, "ar"), "fallback ar", "train.ar", env)],
             fallback_note=f"{layers} layers failed (see train.log); measured at {fallback} layers instead",
         ))  # fmt: skip
 
@@ -194,10 +205,9 @@ def build_plan(smoke: bool, parts: list[str], train_layers: int = FULL_LAYERS) -
             pre = ["--size", "real", "--num-images", "256", "--batch-size", "32", "--num-workers", "8", "--repeats",
                    "2", "--warmup-images", "8", "--device", "cuda"]  # fmt: skip
         plan.append(Part("generate", "batched generation and pre-tokenization at 512 x 512", "generate.log", [
-            step("generate", "generate", [py, "bench/generate.py", *gen, "--out", "{json}"], 120 if smoke else 40,
-                 "generate"),
-            step("generate", "pretokenize", [py, "bench/pretokenize.py", *pre, "--out", "{json}"],
-                 120 if smoke else 30, "pretokenize"),
+            step("generate", "generate", [py, "bench/generate.py", *gen, "--out", "{json}"], "generate", "generate"),
+            step("generate", "pretokenize", [py, "bench/pretokenize.py", *pre, "--out", "{json}"], "pretokenize",
+                 "pretokenize"),
         ]))  # fmt: skip
     return plan
 
@@ -412,8 +422,9 @@ def print_plan(plan: list[Part]) -> None:
     for part in plan:
         for s in part.steps + part.fallback:
             tag = " (fallback)" if s in part.fallback else ""
-            shown = shlex.join(s.argv).replace("{python}", "python3").replace("{json}", "SCRATCH.json")
-            print(f"{part.key:9} {s.name + tag:19} {s.budget_s:8d}  {shown.replace('{out}', '$OUT')}")
+            shown = [a.replace("{python}", "python3").replace("{json}", "SCRATCH.json").replace("{out}", "OUT")
+                     for a in s.argv]  # fmt: skip
+            print(f"{part.key:9} {s.name + tag:19} {s.budget_s:8d}  {shlex.join(shown)}")
     print(f"{'total':29} {total_budget_s(plan):8d}  (fallback steps run within the train part's budget)")
 
 
