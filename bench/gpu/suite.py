@@ -39,9 +39,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import report  # noqa: E402
+if __package__:  # imported as bench.gpu.suite (tests/test_gpu_suite.py)
+    from . import report
+else:  # run as a script: its folder is on sys.path
+    import report
 
 REPO = Path(__file__).resolve().parents[2]
 
