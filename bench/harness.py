@@ -10,6 +10,7 @@ error and the others still run, so one failure does not cost the whole table.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import time
@@ -79,7 +80,7 @@ def compare_implementations(
         try:
             loss, grads = run_once(fn)
             errors = [max_rel_error(loss, ref_loss), *(max_rel_error(a, b) for a, b in zip(grads, ref_grads))]
-            row = measure(name, lambda: run_once(fn), device, warmup, iters, note)
+            row = measure(name, functools.partial(run_once, fn), device, warmup, iters, note)
             row.rel_errors = dict(zip(output_names, errors))
         except Exception as e:  # noqa: BLE001 - recorded in the table; the other implementations still run
             first_line = (str(e).strip().splitlines() or [""])[0][:300]

@@ -410,11 +410,11 @@ def git_commit() -> str | None:
     """The checkout's commit, where the working tree has its .git (the device's copy may not)."""
     if not shutil.which("git"):
         return None
-    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return None
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+                           capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
     return out.stdout.strip() + ("+local changes" if dirty else "")
 
 
