@@ -203,7 +203,7 @@ def build_plan(smoke: bool, parts: list[str], train_layers: int = FULL_LAYERS) -
             gen = ["--shape", "chameleon7b", "--layers", str(GENERATE_LAYERS), "--size", "512", "--num-images", "16",
                    "--batch-size", "16", "--baseline-images", "1", "--warmup-size", "64", "--device", "cuda",
                    "--dtype", "bf16"]
-            pre = ["--size", "real", "--num-images", "256", "--batch-size", "32", "--num-workers", "8", "--repeats",
+            pre = ["--size", "real", "--num-images", "128", "--batch-size", "32", "--num-workers", "8", "--repeats",
                    "2", "--warmup-images", "8", "--device", "cuda"]  # fmt: skip
         plan.append(Part("generate", "batched generation and pre-tokenization at 512 x 512", "generate.log", [
             step("generate", "generate", [py, "bench/generate.py", *gen, "--out", "{json}"], "generate", "generate"),
