@@ -5,7 +5,6 @@ its partitions into ``root/tag``; the real 2-rank DeepSpeed runs (kill during a 
 retention) are in tests/test_resilience.py; a checkpoint of another world size: tests/test_elastic.py.
 """
 
-import json
 import random
 
 import numpy as np
