@@ -62,6 +62,13 @@ KNOWN_MESSAGES: tuple[KnownMessage, ...] = (
         "finds CUDA and does not print it",
     ),
     KnownMessage(
+        "Setting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid your system "
+        "being overloaded, please further tune the variable for optimal performance in your application as needed.",
+        "launcher_process",
+        "torch/distributed/run.py (the `torchrun` command) with several processes and no OMP_NUM_THREADS",
+        "one intra-op thread per rank is what a multi-rank CPU run wants; set OMP_NUM_THREADS to choose otherwise",
+    ),
+    KnownMessage(
         "Unable to find hostfile, will proceed with training with local resources only.",
         "launcher_process",
         "deepspeed/launcher/runner.py (the `deepspeed` command) when no hostfile is given",

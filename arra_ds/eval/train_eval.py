@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from arra_ds import distributed
 from arra_ds.distributed import gather_rows, my_chunks
@@ -164,7 +165,8 @@ class TrainEvaluator:
             elif not shown:
                 shown = "no reference statistics"
             where = self.out_dir / f"step_{step:08d}"
-            print(f"eval at step {step}: {shown}; images in {where}, latest grid {self.run_dir / SAMPLES_PNG}", flush=True)
+            # tqdm.write: a line of its own above the training progress bar, not in the middle of it
+            tqdm.write(f"eval at step {step}: {shown}; images in {where}, latest grid {self.run_dir / SAMPLES_PNG}")
 
     def run(
         self, backbone: nn.Module, gather: GatherContext, step: int, dtype: torch.dtype
