@@ -29,10 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import ChameleonForConditionalGeneration, DynamicCache
+# run from a checkout without installing; before torch / transformers, which may import arra_ds through an
+# installed copy (transformers probes for a top-level `kernels` package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch  # noqa: E402
+from transformers import ChameleonForConditionalGeneration, DynamicCache  # noqa: E402
 
 from arra_ds.demo.config import DemoDataConfig  # noqa: E402
 from arra_ds.demo.models import demo_vqgan_config  # noqa: E402
