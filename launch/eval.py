@@ -6,8 +6,11 @@
         prompts=data/mimic_test.json vqgan_config=ckpts/vqgan.yaml vqgan_checkpoint=ckpts/vqgan.ckpt \
         extractors=[xrv,inception] clip_model=biomedclip samples_per_prompt=1 output_dir=runs/mimic/eval
 
-Keys are the fields of EvalConfig (listed below: every generation key plus the metrics). Re-running
-with the same output_dir resumes: existing images are kept, only missing ones are generated.
+    torchrun --nproc_per_node=2 launch/eval.py model=runs/debug     # a demo run: nothing else needed
+
+Keys are the fields of EvalConfig (listed below: every generation key plus the metrics). What is left
+out comes from the run's data record (arra_data.json): VQGAN, size, held-out prompts, extractors, CLIP.
+Re-running with the same output_dir resumes: existing images are kept, only missing ones are generated.
 """
 
 import sys

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=4 launch/generate.py model=... prompts=prompts.txt samples_per_prompt=4 ...
 
 Keys are the fields of GenerateConfig (listed below; sampling.* for the sampler). Options and
-key=value overrides go in any order. Re-running with the same output_dir only generates the missing
-images.
+key=value overrides go in any order. The VQGAN files and the image size default to the run's data
+record (arra_data.json, also in an export): a demo run needs only model= and a prompt. Re-running
+with the same output_dir only generates the missing images (and those made with other settings).
 """
 
 import sys
