@@ -354,7 +354,8 @@ class RunData:
     heldout_prompts: str = ""  # prompts not trained on (MDS dir, .json or .txt): the default eval prompts
     extractors: list[str] = field(default_factory=list)  # FID feature extractors that work offline on this data
     clip_model: str = ""  # the CLIP-Score model for this data (clip_model= of launch/eval.py)
-    notes: list[str] = field(default_factory=list)  # caveats an evaluation report on this data repeats
+    # caveats a report repeats when it uses that default: key (extractors, clip_model, prompts) -> note
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def height_px(self) -> int:

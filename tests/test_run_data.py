@@ -93,14 +93,15 @@ def test_generation_takes_vqgan_and_size_from_the_record_and_explicit_keys_win(t
 
 def test_eval_takes_prompts_metrics_and_output_dir_from_the_record(tmp_path, capsys):
     record = RunData(code_height=4, code_width=4, vqgan_config="v.yaml", vqgan_checkpoint="v.ckpt",
-                     heldout_prompts="heldout", extractors=["thumbnail"], clip_model="local-dir:clip", notes=["demo note"])
+                     heldout_prompts="heldout", extractors=["thumbnail"], clip_model="local-dir:clip",
+                     notes={"extractors": "fid note", "clip_model": "clip note"})
     run = fake_run(tmp_path / "run", record, step=7)
     cfg = EvalConfig(model=str(run))
     notes = apply_eval_defaults(cfg)
     assert (cfg.prompts, cfg.extractors, cfg.clip_model) == ("heldout", ["thumbnail"], "local-dir:clip")
     assert cfg.output_dir == str(run / "evaluation" / "step_00000007")
     # 64 px images: MS-SSIM's window shrinks from 11 to the largest that fits 5 scales (3), and says so
-    assert notes[0] == "demo note" and "window 3 instead of 11" in notes[1]
+    assert notes[:2] == ["fid note", "clip note"] and "window 3 instead of 11" in notes[2]
     assert cfg.ms_ssim_config.win_size == 3 and "window 3" in capsys.readouterr().out
 
     explicit = EvalConfig(model=str(run), prompts="mine.txt", extractors=["xrv"], clip_model="", output_dir="out",

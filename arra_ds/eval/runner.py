@@ -111,19 +111,21 @@ class EvalConfig(GenerateConfig):
 
 def apply_eval_defaults(cfg: EvalConfig) -> list[str]:
     """Fill what ``cfg`` leaves out from the model's data record (see the module docstring); returns
-    the record's notes when its defaults were used (they go into the report)."""
+    notes for the report: the record's caveats about the defaults it supplied, and MS-SSIM's window."""
     data = apply_run_data(cfg)
-    used_record = False
+    from_record = []  # the keys the record supplied
     if not cfg.prompts and data is not None and data.heldout_prompts:
         cfg.prompts = data.heldout_prompts
-        used_record = True
+        from_record.append("prompts")
     if cfg.extractors == [AUTO]:
         cfg.extractors = list(data.extractors) if data is not None and data.extractors else [DEFAULT_EXTRACTOR]
-        used_record |= data is not None and bool(data.extractors)
+        if data is not None and data.extractors:
+            from_record.append("extractors")
     if cfg.clip_model == AUTO:
         cfg.clip_model = data.clip_model if data is not None else ""
-        used_record |= bool(cfg.clip_model)
-    notes = list(data.notes) if data is not None and used_record else []
+        if cfg.clip_model:
+            from_record.append("clip_model")
+    notes = [data.notes[key] for key in from_record if key in data.notes] if data is not None else []
     window_note = fit_ms_ssim_window(cfg)
     if window_note:
         notes.append(window_note)

@@ -29,12 +29,12 @@ from arra_ds.tokens.vocab import ChameleonVocab
 # FID on the demo: Frechet distance of 8 x 8 mean-colour thumbnails (arra_ds/eval/extractors.py). No
 # Inception or XRV weights exist offline, and the demo encoder is the alignment target itself.
 DEMO_FID_EXTRACTORS = ["thumbnail"]
-DEMO_NOTES = [
-    "demo data: FID uses 8x8 mean-colour thumbnails (the demo's flat shapes: colour and layout are its content), "
-    "not Inception features; its values are not comparable with published FIDs",
-    "demo data: CLIP-Score uses the demo encoder, a random tiny open_clip (image tower centred on the demo images, "
-    "text tower untrained); the score checks the pipeline, not prompt fidelity",
-]
+DEMO_NOTES = {
+    "extractors": "demo data: FID uses 8x8 mean-colour thumbnails (the demo's flat shapes: colour and layout are "
+    "its content), not Inception features; its values are not comparable with published FIDs",
+    "clip_model": "demo data: CLIP-Score uses the demo encoder, a random tiny open_clip (image tower centred on the "
+    "demo images, text tower untrained); the score checks the pipeline, not prompt fidelity",
+}
 
 
 def _grid_of_first_sample(source: str, dataset, vocab: ChameleonVocab) -> tuple[int, int]:
@@ -70,7 +70,7 @@ def describe_training_data(
         record.heldout_prompts = str(heldout) if (heldout / "index.json").is_file() else ""
         record.extractors = list(DEMO_FID_EXTRACTORS)
         record.clip_model = _open_clip_model(encoder)
-        record.notes = list(DEMO_NOTES)
+        record.notes = dict(DEMO_NOTES)
         return record
     meta_path = Path(data_path) / META_FILE
     if not meta_path.is_file():
