@@ -99,6 +99,31 @@ def inference_copy(backbone: nn.Module, gather: GatherContext, device: torch.dev
     return copy.eval().requires_grad_(False)
 
 
+NO_DECODER = (
+    f"the decoder of the data's image codes: the data names no VQGAN (no {PRETOKENIZE_META} next to its shards); "
+    "pass eval.vqgan_config=<vqgan.yaml> eval.vqgan_checkpoint=<vqgan.ckpt>"
+)
+
+
+def decoder_files(cfg: TrainEvalConfig, data: RunData | None) -> tuple[str, str]:
+    """(vqgan.yaml, vqgan.ckpt): eval.vqgan_* when given, else the data's own VQGAN, else ("", "")."""
+    if cfg.vqgan_config:
+        return cfg.vqgan_config, cfg.vqgan_checkpoint
+    if data is not None and data.vqgan_config:
+        return data.vqgan_config, data.vqgan_checkpoint
+    return "", ""
+
+
+def build_train_evaluator(cfg: TrainEvalConfig, dataset, vocab, run_dir: Path, device: torch.device, source: str,
+                          data: RunData | None) -> "TrainEvaluator | None":
+    """The evaluator, or None (and one line saying why) when no decoder is known: train.eval_every is on in
+    the embedded default config, which also trains on data of unknown origin (data.path=<MDS dir>)."""
+    if not decoder_files(cfg, data)[0]:
+        distributed.print0(f"in-training eval (train.eval_every > 0) is off: it needs {NO_DECODER}")
+        return None
+    return TrainEvaluator(cfg, dataset, vocab, run_dir, device, source, data)
+
+
 class TrainEvaluator:
     """Holds the prompts, decoder, extractor and reference statistics between evaluations."""
 
@@ -111,15 +136,9 @@ class TrainEvaluator:
         self.device = device
         self.run_dir = run_dir
         self.out_dir = run_dir / "eval"
-        vqgan_config, vqgan_checkpoint = cfg.vqgan_config, cfg.vqgan_checkpoint
-        if not vqgan_config and data is not None:
-            vqgan_config, vqgan_checkpoint = data.vqgan_config, data.vqgan_checkpoint
+        vqgan_config, vqgan_checkpoint = decoder_files(cfg, data)
         if not vqgan_config:
-            raise ConfigError(
-                "train.eval_every > 0 needs the decoder of the data's image codes: the data names no VQGAN (no "
-                f"{PRETOKENIZE_META} next to its shards), so pass eval.vqgan_config=<vqgan.yaml> "
-                "eval.vqgan_checkpoint=<vqgan.ckpt>"
-            )
+            raise ConfigError(f"train.eval_every > 0 needs {NO_DECODER}")
         self.prompts = load_prompts(source, vocab, cfg.num_prompts, dataset=dataset)
         with self._training_rng_untouched():  # building the decoder initialises weights from the global RNG
             self.decoder = load_decoder(vqgan_config, vqgan_checkpoint, device)

@@ -37,7 +37,7 @@ from arra_ds.data.loader import (
 from arra_ds.demo.config import DemoDataConfig
 from arra_ds.demo.dataset import demo_dir, write_demo_dataset
 from arra_ds.errors import UserError
-from arra_ds.eval.train_eval import TrainEvaluator
+from arra_ds.eval.train_eval import build_train_evaluator
 from arra_ds.io import atomic_write_json
 from arra_ds.model.arra import ARRAModel
 from arra_ds.model.backbone import ModelConfig
@@ -162,7 +162,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     sample_log = SampleLog(run_dir, distributed.rank(), cfg.train.log_samples, resume_step)
     evaluator = None
     if cfg.train.eval_every:
-        evaluator = TrainEvaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, source=local, data=data_record)
+        evaluator = build_train_evaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, local, data_record)
     peak = peak_flops()
     flops_per_token = model.flops_per_token(cfg.data.max_seq_len) if peak else None
     global_batch = micro * accum * world
