@@ -346,3 +346,31 @@ def test_rep_on_data_without_the_token_is_an_error_and_image_start_stays_a_key()
     model = build_model(*_sections(_cfg("align.target=rep", "align.rep_token=<racm3:break>")))
     assert model.rep_id == model.vocab.image_start_id
     assert model(batch).num_aligned == 2
+
+
+def test_zero3_hooks_can_walk_the_model_output(monkeypatch):
+    """DeepSpeed's ZeRO-3 hooks wrap every tensor of a module's output (``apply_to_tensors_only``) in
+    the autograd function that gathers the module's parameters before its backward. They walk
+    tuples, lists, dicts and namedtuples only; anything else got the warning "A module has unknown
+    inputs or outputs type (ARRAOutput)" and the root module no pre-backward hook. ARRAOutput is a
+    NamedTuple: it is walked, its tensors wrapped, its counters kept, and nothing is warned."""
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    cfg = _cfg()
+    model = build_model(*_sections(cfg))
+    out = model(_batch(model.vocab))
+    monkeypatch.setattr(zero_utils, "warned", False)
+    warned = []
+    monkeypatch.setattr(zero_utils.logger, "warning", warned.append)
+    wrapped = []
+
+    def wrap(tensor):
+        wrapped.append(tensor)
+        return tensor * 1.0
+
+    walked = zero_utils.apply_to_tensors_only(wrap, out, warning_msg_fn=lambda value: f"unknown {type(value)}")
+    assert not warned
+    assert type(walked) is type(out)
+    assert len(wrapped) == 5  # loss, loss_ar, loss_gva, loss_z, cos
+    assert walked.num_tokens == out.num_tokens and walked.num_aligned == out.num_aligned
+    assert torch.equal(walked.loss, out.loss) and walked.loss.requires_grad

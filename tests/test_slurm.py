@@ -34,6 +34,7 @@ CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "slurm_cluster.sh"
 STATE_DIR = Path(os.environ.get("ARRA_DS_SLURM_DIR", "/var/tmp/arra_ds_slurm"))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 MAX_STEPS = 8
+REQUEUE_SETTLE_S = 3  # seconds between the requeue and the release of the shrunk job
 STEPS_PER_EPOCH = 6  # 48 demo samples, 2 ranks x 4
 
 
@@ -101,6 +102,7 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
     job_id = submit.stdout.strip().split(";")[0]
 
     signalled = released = drained = False
+    requeued_at = None
     deadline = time.monotonic() + 1500
     try:
         while time.monotonic() < deadline:
@@ -117,8 +119,11 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
                 signalled = True
             if signalled and not released and job.get("JobState") == "PENDING" and int(job.get("Restarts", 0)) > 0:
                 # once both nodes have finished the first run: the job comes back on node1 alone, and
-                # now (Slurm would hold a requeued job back for a while)
-                if _nodes_idle():
+                # now (Slurm would hold a requeued job back for a while). Not within the requeue's own
+                # seconds: slurmd revokes the job's credential at the requeue (second resolution) and
+                # refuses a start whose credential is not newer ("Job credential revoked", job FAILED).
+                requeued_at = requeued_at or time.monotonic()
+                if time.monotonic() - requeued_at >= REQUEUE_SETTLE_S and _nodes_idle():
                     for change in (["NumNodes=1", "NumTasks=1", "NumCPUs=1"], ["StartTime=now"]):
                         subprocess.run(["scontrol", "update", f"JobId={job_id}", *change], env=_slurm_env(), check=True,
                                        timeout=30)

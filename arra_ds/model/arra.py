@@ -13,7 +13,7 @@ Lumina-mGPT / debug (``model/backbone.py``) or LlamaGen's class-conditional GPT 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -173,8 +173,12 @@ def aligned_positions(
     raise ValueError(f"unknown align target {target!r}")
 
 
-@dataclass
-class ARRAOutput:
+class ARRAOutput(NamedTuple):
+    """What ``ARRAModel.forward`` returns. A NamedTuple, not a dataclass: DeepSpeed's ZeRO-3 hooks walk
+    module outputs (tuples, lists, dicts, namedtuples) to wrap their tensors in the autograd function
+    that gathers a module's parameters before its backward; an object they cannot walk gets the
+    warning "A module has unknown inputs or outputs type" and no pre-backward hook for that module."""
+
     loss: torch.Tensor  # total, differentiable
     loss_ar: torch.Tensor  # CE over supervised tokens (detached)
     loss_gva: torch.Tensor  # alignment loss (detached; 0 when disabled)

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any, ContextManager, Iterable
 
@@ -49,6 +50,11 @@ def init_distributed() -> None:
         # (import_module: the package attribute deepspeed.comm.torch is the torch module itself)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     distributed.init_process_group(even_alone=True)
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator counts its devices as the LOCAL_SIZE that its own launcher exports;
+        # without it (python launch/train.py, torchrun) it runs `numactl --hardware` in a subprocess at
+        # every gradient reduce-scatter (~44 forks per step of the demo run).
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 

@@ -40,10 +40,11 @@ from arra_ds.data.loader import (
 from arra_ds.demo.config import DemoDataConfig
 from arra_ds.demo.dataset import demo_dir, write_demo_dataset
 from arra_ds.errors import UserError
-from arra_ds.eval.train_eval import TrainEvaluator
+from arra_ds.eval.train_eval import build_train_evaluator
 from arra_ds.io import atomic_write_json
 from arra_ds.model.arra import ARRAModel
 from arra_ds.train import checkpoint as ckpt
+from arra_ds.train.data_record import describe_training_data, write_data_record
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config
 from arra_ds.train.flops import peak_flops
 from arra_ds.train.metrics import MetricsLogger
@@ -141,6 +142,10 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     model: ARRAModel = engine.model
     distributed.seed_everything(distributed.rank_seed(cfg.seed))  # then each rank draws its own dropout masks
     loader = build_dataloader(dataset, cfg.data, micro, model.pad_id, cfg.seed)
+    # what generation and evaluation need to know about the data (image grid, VQGAN, held-out prompts)
+    data_record = describe_training_data(cfg.data.path, cfg.data.is_demo, local, dataset, model.vocab, cfg.align.encoder)
+    if is_rank0:
+        write_data_record(run_dir, data_record)
 
     # ---- resume -------------------------------------------------------------------------------
     state = ckpt.TrainerState()
@@ -160,7 +165,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     sample_log = SampleLog(run_dir, distributed.rank(), cfg.train.log_samples, resume_step, world)
     evaluator = None
     if cfg.train.eval_every:
-        evaluator = TrainEvaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, source=local)
+        evaluator = build_train_evaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, local, data_record)
     peak = peak_flops()
     flops_per_token = model.flops_per_token(cfg.data.max_seq_len) if peak else None
     global_batch = micro * accum * world
@@ -258,7 +263,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
                 signal_name = watcher.received.name if watcher.received else "a signal on another rank"
                 distributed.print0(f"preempted by {signal_name}: checkpoint {last_saved} written at step {done}; exiting for requeue")
                 break
-            if evaluator is not None and done % cfg.train.eval_every == 0:
+            if evaluator is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
                 evaluator.log(engine, done, logger)
     finally:
         progress.close()
