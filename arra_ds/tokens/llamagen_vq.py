@@ -30,12 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from arra_ds.errors import ConfigError, InputNotFoundError, UserError
+# the taming-transformers blocks, as the Chameleon VQGAN has them (same parameter names, same op order)
+from arra_ds.tokens.vqgan import NORM_GROUPS, AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
 
 CONFIG_KEY_PREFIX = "tokens.llamagen_vq"
 
-# Upstream Normalize(): GroupNorm with 32 groups, eps 1e-6, so every channel count must divide by 32.
-NORM_GROUPS = 32
-NORM_EPS = 1e-6
 # Length of upstream's `codebook_used` buffer (a rolling log of recent code ids, only written in
 # training); persistent, so it is part of the checkpoint and must exist for a strict load.
 CODEBOOK_USAGE_SLOTS = 65536
@@ -105,74 +104,6 @@ class LlamaGenVQConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=NORM_EPS, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    """x + conv2(dropout(swish(norm2(conv1(swish(norm1(x))))))), a 1x1 `nin_shortcut` when widths differ."""
-
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
-        super().__init__()
-        self.norm1 = _group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = _group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the h * w positions with 1x1-conv q, k, v, proj_out; residual."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = _group_norm(channels)
-        self.q = nn.Conv2d(channels, channels, kernel_size=1)
-        self.k = nn.Conv2d(channels, channels, kernel_size=1)
-        self.v = nn.Conv2d(channels, channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        normed = self.norm(x)
-        q = self.q(normed).reshape(batch, channels, height * width).transpose(1, 2)  # [B, hw, C]
-        k = self.k(normed).reshape(batch, channels, height * width)  # [B, C, hw]
-        v = self.v(normed).reshape(batch, channels, height * width)  # [B, C, hw]
-        # bmm, scale, softmax in upstream's order, so latents (and thus codes) match it closely.
-        weights = torch.softmax(torch.bmm(q, k) * channels ** -0.5, dim=2)  # [B, hw query, hw key]
-        attended = torch.bmm(v, weights.transpose(1, 2)).reshape(batch, channels, height, width)
-        return x + self.proj_out(attended)
-
-
-class Downsample(nn.Module):
-    """Halve H and W: pad right / bottom by one, then a stride-2 3x3 conv without padding."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour interpolation, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 def _level(in_channels: int, out_channels: int, num_blocks: int, with_attention: bool, dropout: float) -> nn.Module:
     """One resolution level: `res` blocks, each followed by an attention block where `with_attention`."""
     level = nn.Module()
@@ -212,10 +143,10 @@ class Encoder(nn.Module):
             level = _level(channels, ch * level_mult, config.num_res_blocks, coarsest, config.dropout_p)
             channels = ch * level_mult
             if not coarsest:
-                level.downsample = Downsample(channels)
+                level.downsample = Downsample(channels, with_conv=True)
             self.conv_blocks.append(level)
         self.mid = _middle(channels, config.dropout_p)
-        self.norm_out = _group_norm(channels)
+        self.norm_out = group_norm(channels)
         self.conv_out = nn.Conv2d(channels, config.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,9 +176,9 @@ class Decoder(nn.Module):
             level = _level(channels, ch * level_mult, config.num_res_blocks + 1, coarsest, config.dropout_p)
             channels = ch * level_mult
             if not finest:
-                level.upsample = Upsample(channels)
+                level.upsample = Upsample(channels, with_conv=True)
             self.conv_blocks.append(level)
-        self.norm_out = _group_norm(channels)
+        self.norm_out = group_norm(channels)
         self.conv_out = nn.Conv2d(channels, config.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

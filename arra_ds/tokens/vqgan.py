@@ -204,16 +204,16 @@ class VQGANConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def _norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=NORM_EPS, affine=True)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float):
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
@@ -230,7 +230,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = group_norm(channels)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -300,7 +300,7 @@ class Encoder(nn.Module):
         self.mid.block_1 = ResnetBlock(channels, channels, cfg.dropout)
         self.mid.attn_1 = _attention(channels, cfg.attn_type)
         self.mid.block_2 = ResnetBlock(channels, channels, cfg.dropout)
-        self.norm_out = _norm(channels)
+        self.norm_out = group_norm(channels)
         out_channels = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
         self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
 
@@ -345,7 +345,7 @@ class Decoder(nn.Module):
                 resolution *= 2
             stages.insert(0, stage)  # up[0] is the full-resolution level, as in taming
         self.up = nn.ModuleList(stages)
-        self.norm_out = _norm(channels)
+        self.norm_out = group_norm(channels)
         self.conv_out = nn.Conv2d(channels, cfg.out_ch, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
