@@ -31,11 +31,7 @@ def main(argv=None) -> int:
 
     def work():
         cfg = load_dataclass_config(PretokenizeConfig, args.config, args.overrides)
-        summary = run_pretokenize(cfg)
-        if summary is None:
-            print(f"rank {cfg.rank}: its parts are done; run once more without rank/world_size to merge", flush=True)
-        else:
-            print(format_summary(summary), flush=True)
+        print(format_summary(run_pretokenize(cfg), cfg.rank), flush=True)
 
     return run_launcher(work)
 

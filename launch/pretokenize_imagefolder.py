@@ -27,11 +27,7 @@ def main(argv=None) -> int:
 
     def work():
         cfg = load_dataclass_config(ImageFolderConfig, args.config, args.overrides)
-        summary = run_pretokenize_imagefolder(cfg)
-        if summary is None:
-            print(f"rank {cfg.rank}: its parts are done; run once more without rank/world_size to merge", flush=True)
-        else:
-            print(format_summary(summary), flush=True)
+        print(format_summary(run_pretokenize_imagefolder(cfg), cfg.rank), flush=True)
 
     return run_launcher(work)
 

@@ -155,7 +155,10 @@ def merge_parts(task: PretokenizeTask, num_items: int, num_parts: int) -> dict:
     return summary
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict | None, rank: int = 0) -> str:
+    """The launcher's last line: the summary of a finished task, or (None) that this rank's parts are done."""
+    if summary is None:
+        return f"rank {rank}: its parts are done; run once more without rank/world_size to merge"
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["skipped_by_reason"].items()) or "none"
     return (
         f"pre-tokenised {summary['items']} items into {summary['out_dir']}: {summary['written']} samples written, "
