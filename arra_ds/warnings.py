@@ -12,7 +12,7 @@ text, who prints it and why it is harmless, and ``install()`` silences it by tha
   runs in the ranks; nothing in our process can silence them, so they are only documented here.
 
 Every launcher calls ``install()`` before it imports torch-heavy modules (DeepSpeed logs while it is
-imported). ``tests/test_first_hour.py`` fails when the default run prints a line with "Warning" or
+imported). ``tests/test_readme.py`` fails when the default run prints a line with "Warning" or
 "warn" that is not one of these messages.
 """
 
