@@ -82,8 +82,12 @@ class SceneAttributeNet(nn.Module):
                 f"the attribute model reads {self.image_size} x {self.image_size} pictures ({self.cfg.code_size} x "
                 f"{self.cfg.code_size} codes), got {tuple(images.shape[-2:])}"
             )
-        colours = F.avg_pool2d(images.float() / 255.0, kernel_size=CODE_PATCH_PX)
-        return (colours - PIXEL_MEAN) / PIXEL_STD
+        return self.normalise(F.avg_pool2d(images.float(), kernel_size=CODE_PATCH_PX))
+
+    @staticmethod
+    def normalise(colours: torch.Tensor) -> torch.Tensor:
+        """Patch colours on the 0..255 scale [B, 3, h, w] -> the network's input."""
+        return (colours.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
     def features_of_colours(self, colours: torch.Tensor) -> torch.Tensor:
         """Normalised patch colours [B, 3, h, w] -> penultimate features [B, feature_dim]."""

@@ -171,6 +171,14 @@ class CaptionSpec:
             return "count"
         return "single" if len(self.shapes) == 1 else "pair"
 
+    def shapes_for(self, rng: np.random.Generator) -> list[Shape]:
+        """Shapes of a fresh picture of this caption, as ``random_scene`` would draw them: counted
+        shapes in random distinct corners, shapes of unstated size small."""
+        if self.counted:
+            corners = rng.choice(CORNERS, size=len(self.shapes), replace=False)
+            return [Shape(s.kind, s.colour, str(c), "small") for s, c in zip(self.shapes, corners)]
+        return [Shape(s.kind, s.colour, s.position, s.size or "small") for s in self.shapes]
+
     def check(self, seen: SceneAttributes) -> dict[str, bool]:
         """Aspect -> does the picture described by ``seen`` satisfy it (see ``FIDELITY_ASPECTS``)."""
         occupied = seen.occupied

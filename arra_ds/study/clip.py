@@ -67,8 +67,9 @@ def _lr(step: int, cfg: ClipTrainConfig) -> float:
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only (not biases, norms, embeddings' scale or the logit scale)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    rest = [p for p in trained if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -97,6 +98,9 @@ def train_clip(cfg: ClipTrainConfig, image_paths: list[Path], captions: list[str
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
     model.train()
+    # The token embeddings stay at their random init: the captions use ~40 of the BPE vocabulary's
+    # ids, and Adam on the whole [vocab, width] table would cost more than the rest of the model.
+    model.token_embedding.requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     generator = torch.Generator().manual_seed(seed)
     batch = min(cfg.batch_size, len(captions))

@@ -71,15 +71,15 @@ class ClipTrainConfig:
     (picture, caption) pairs, then frozen; its image embedding is the column feat_<name>."""
 
     name: str = "sceneclip"  # the feature column feat_<name> and the default align.encoder
-    image_size: int = 64  # pixels the image tower sees (pictures are resized to it)
+    image_size: int = 48  # pixels the image tower sees (pictures are resized to it): 6 x 6 patches
     patch_size: int = 8
     width: int = 64
-    layers: int = 3
+    layers: int = 2
     embed_dim: int = 64  # D: width of the global feature the projector aligns to
     text_width: int = 64
     text_layers: int = 2
     context_length: int = 32  # BPE tokens of a caption (open_clip's own tokenizer)
-    steps: int = 800
+    steps: int = 400
     batch_size: int = 128
     lr: float = 1.0e-3
     weight_decay: float = 0.1
@@ -104,7 +104,7 @@ class JudgeTrainConfig:
 
     channels: int = 32
     feature_dim: int = 64  # FID feature width (its penultimate layer)
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 2.0e-3
     noise_fraction: float = 0.03  # up to this fraction of a training grid's codes is made random (speckles)
@@ -138,11 +138,19 @@ class StudyEvalConfig:
     temperature: float = 1.0
     seed: int = 0  # sampling seed, the same for every arm and training seed
     ms_ssim_win_size: int = 11  # pictures must be at least (win - 1) * 16 + 1 px
+    # MS-SSIM between each sample and its prompt's real picture (the paper's form) besides the diversity
+    # form; on CPU it costs as much as generating the samples
+    paired_ms_ssim: bool = False
+    reference_per_prompt: int = 4  # fresh real pictures per evaluated prompt: the FID reference
     samples_shown: int = 8  # held-out prompts in samples.png
 
     def validate(self) -> None:
-        if self.every < 0 or min(self.num_prompts, self.samples_per_prompt, self.batch_size, self.samples_shown) < 1:
-            raise ConfigError("eval.every must be >= 0; eval.num_prompts, samples_per_prompt, batch_size, samples_shown >= 1")
+        if self.every < 0 or min(self.num_prompts, self.samples_per_prompt, self.batch_size, self.samples_shown,
+                                 self.reference_per_prompt) < 1:
+            raise ConfigError(
+                "eval.every must be >= 0; eval.num_prompts, samples_per_prompt, batch_size, samples_shown and "
+                "reference_per_prompt >= 1"
+            )
 
 
 @dataclass
@@ -202,6 +210,8 @@ class StudyConfig:
                     raise ConfigError(f"arm {arm.name}: override {text!r} sets what the study decides per run (output dir, seed, data)")
         for section in (self.scenes, self.clip, self.judge, self.eval):
             section.validate()
+        if self.eval.num_prompts > self.scenes.heldout_prompts:
+            raise ConfigError(f"eval.num_prompts={self.eval.num_prompts} exceeds scenes.heldout_prompts={self.scenes.heldout_prompts}")
         if self.eval.every and self.run.train.max_steps % self.eval.every:
             raise ConfigError(
                 f"eval.every={self.eval.every} must divide run.train.max_steps={self.run.train.max_steps} "

@@ -157,7 +157,8 @@ def study_vocab(cfg: StudyConfig) -> ChameleonVocab:
 
 def write_heldout_prompts(cfg: StudyConfig, paths: StudyPaths) -> None:
     """Decode the held-out codes once (the real pictures as the VQ tokenizer gives them back) and
-    write ``prompts.json``: the evaluation's prompts with those reconstructions as their real images."""
+    write ``prompts.json``: the evaluation's prompts with those reconstructions as their real images
+    (and ``prompts.txt``, the same prompts alone)."""
     if paths.heldout_prompts.is_file():
         return
     prompt_set = load_prompts(paths.mds("heldout"), study_vocab(cfg))
@@ -169,6 +170,7 @@ def write_heldout_prompts(cfg: StudyConfig, paths: StudyPaths) -> None:
         if not image.is_file():
             save_png(decode_to_uint8(decoder, torch.from_numpy(prompt.real_codes.astype(np.int64))), image)
         items.append(conversation_item(prompt.uid, prompt.text, str(image.relative_to(paths.heldout_prompts.parent))))
+    atomic_write(paths.eval_prompts_text, "".join(f"{p.text}\n" for p in prompt_set.prompts))
     atomic_write(paths.heldout_prompts, json.dumps(items, indent=1))
 
 

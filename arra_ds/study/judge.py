@@ -43,9 +43,13 @@ class CodePainter:
         centre = CODE_PATCH_PX // 2
         return cls(torch.from_numpy(strip[centre, centre::CODE_PATCH_PX].copy()))
 
+    def patch_colours(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, h, w] -> uint8 colour of each patch [B, 3, h, w] (the mean colour the judge reads)."""
+        return self.colours[codes].permute(0, 3, 1, 2)
+
     def paint(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, h, w] -> uint8 pictures [B, 3, 16 h, 16 w]."""
-        patches = self.colours[codes].permute(0, 3, 1, 2)  # [B, 3, h, w]
+        patches = self.patch_colours(codes)
         return patches.repeat_interleave(CODE_PATCH_PX, dim=2).repeat_interleave(CODE_PATCH_PX, dim=3)
 
     def check(self, decoder, code_grids: list[np.ndarray]) -> int:
@@ -90,7 +94,7 @@ def train_judge(cfg: JudgeTrainConfig, code_size: int, painter: CodePainter, cod
             group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
         index = torch.randint(0, len(scenes), (cfg.batch_size,), generator=generator)
         noisy = _with_noise(codes[index], cfg.noise_fraction, num_codes, generator)
-        logits = net(net.patch_colours(painter.paint(noisy)))
+        logits = net(net.normalise(painter.patch_colours(noisy)))  # = net.patch_colours(painter.paint(noisy))
         loss = attribute_loss(logits, {name: value[index] for name, value in targets.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,9 +4,10 @@
     data/scenes/train/*.png    drawn pictures; train.json / heldout.json (conversation JSON), scenes.jsonl
     data/train_mds/            pre-tokenised train split (tokens, feat_<clip.name>, caption, uid)
     data/heldout_mds/          pre-tokenised held-out prompts
-    data/heldout/recon/*.png   VQ reconstructions of the held-out pictures; data/heldout/prompts.json
+    data/heldout/recon/*.png   VQ reconstructions of the held-out pictures; data/heldout/prompts.json (+ .txt)
+    data/heldout/reference/    fresh real pictures of the evaluated prompts (FID reference); floor/ (FID floor)
     models/                    text_tokenizer.json, vqgan.yaml/.ckpt, clip/ (+ randclip/), judge/
-    reference/scene.npz        FID reference statistics (held-out reconstructions)
+    reference/scene.npz        FID reference statistics (data/heldout/reference)
     setup.json                 the data and models: sizes, CLIP and judge quality, ceilings, chance levels
     runs/<arm>/seed_<s>/       a training run (the trainer's run dir), train.log, study_run.yaml
         eval/step_<n>/         launch/eval.py output (images/, report.json) + fidelity.json
@@ -55,6 +56,19 @@ class StudyPaths:
     @property
     def heldout_prompts(self) -> Path:
         return self.root / "data" / "heldout" / "prompts.json"
+
+    @property
+    def eval_prompts_text(self) -> Path:
+        """The evaluated prompts without real pictures (no paired MS-SSIM)."""
+        return self.root / "data" / "heldout" / "prompts.txt"
+
+    @property
+    def reference_pictures(self) -> Path:
+        return self.root / "data" / "heldout" / "reference"
+
+    @property
+    def floor_pictures(self) -> Path:
+        return self.root / "data" / "heldout" / "floor"
 
     # ---- models ----
     @property

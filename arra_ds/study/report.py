@@ -150,7 +150,8 @@ def verdict_lines(cfg: StudyConfig, results: dict, differences: dict, label: dic
         if d["mean"] is None:
             lines.append(f"- {metric.label}: not measured (missing evaluations).")
             continue
-        direction = "better" if d["mean"] * {"higher": 1, "lower": -1}[metric.better] > 0 else "worse"
+        signed = d["mean"] * {"higher": 1, "lower": -1}[metric.better]
+        direction = "better" if signed > 0 else "worse" if signed < 0 else "no difference"
         if d["exceeds_spread"] is None:
             spread = "the seed spread is unknown (fewer than two seeds per arm)"
         elif d["exceeds_spread"]:
@@ -297,15 +298,18 @@ def _markdown(cfg: StudyConfig, report: dict, label: dict, heldout: list[dict]) 
         f"CLIP-Score {_fmt(setup['ceiling']['clip_score'])}.",
         f"- Chance ({setup['chance']['what']}): prompt fidelity {_fmt(setup['chance']['fidelity']['all'])}, "
         f"CLIP-Score {_fmt(setup['chance']['clip_score'])}.",
-        f"- FID floor ({setup['fid_floor']['what']}): {_fmt(setup['fid_floor']['fid_scene'])}.",
+        f"- FID reference: {setup['fid_reference']['what']}; FID floor ({setup['fid_floor']['what']}): "
+        f"{_fmt(setup['fid_floor']['fid_scene'])}.",
         "",
         f"## Every metric at step {last} (mean ± std over seeds)",
         "",
-        "| metric | " + " | ".join(label[a] for a in report["arms"]) + " | ceiling | chance |",
+        "| metric | " + " | ".join(label[a] for a in report["arms"]) + " | ceiling (FID: floor) | chance |",
         "|---|" + "---|" * (len(report["arms"]) + 2),
     ]
     for m in METRICS:
         ceiling = setup["ceiling"]["fidelity"].get(m.key) if m.source == "fidelity" else setup["ceiling"].get(m.name)
+        if m.name == "fid_scene":
+            ceiling = setup["fid_floor"]["fid_scene"]  # a perfect generator's FID at this sample size
         chance = setup["chance"]["fidelity"].get(m.key) if m.source == "fidelity" else setup["chance"].get(m.name)
         row = [_mean_std(report["results"][a][last][m.name]["values"]) for a in report["arms"]]
         lines.append(f"| {m.label} | " + " | ".join(row) + f" | {_fmt(ceiling)} | {_fmt(chance)} |")

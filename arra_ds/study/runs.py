@@ -92,7 +92,7 @@ def eval_config(cfg: StudyConfig, paths: StudyPaths, arm: str, seed: int, step: 
         model=str(paths.checkpoint(arm, seed, step)),
         vqgan_config=str(paths.vqgan_yaml),
         vqgan_checkpoint=str(paths.vqgan_ckpt),
-        prompts=str(paths.heldout_prompts),
+        prompts=str(paths.heldout_prompts if cfg.eval.paired_ms_ssim else paths.eval_prompts_text),
         num_prompts=cfg.eval.num_prompts,
         samples_per_prompt=cfg.eval.samples_per_prompt,
         batch_size=cfg.eval.batch_size,
@@ -104,7 +104,7 @@ def eval_config(cfg: StudyConfig, paths: StudyPaths, arm: str, seed: int, step: 
         progress_bar=False,
         extractors=[SCENE_EXTRACTOR],
         extractor_weights={SCENE_EXTRACTOR: str(judge_weights(paths))},
-        reference="",  # the held-out reconstructions' statistics, computed once by the study
+        reference="",  # real pictures of the evaluated prompts: statistics computed once by the study
         reference_stats={SCENE_EXTRACTOR: str(reference_stats_file(paths))},
         clip_model=f"local-dir:{paths.clip}",
         ms_ssim_config=MSSSIMConfig(win_size=cfg.eval.ms_ssim_win_size),

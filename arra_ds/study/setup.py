@@ -1,30 +1,34 @@
 """The study's measuring instruments, made once before any run: the judge (attribute model), the FID
-reference statistics, and the levels every generated number is read against.
+reference, and the levels every generated number is read against.
 
+- FID reference: ``eval.reference_per_prompt`` fresh real pictures of every evaluated prompt (drawn
+  for its caption, VQ-encoded, decoded): generated and reference pictures answer the same prompts;
+- FID floor: ``eval.samples_per_prompt`` more fresh real pictures per prompt, as many as an
+  evaluation generates, against the reference: what a perfect generator scores at that sample size;
 - ceiling: the judge on the real held-out pictures (VQ reconstructions) of the evaluated prompts:
-  their prompt fidelity, CLIP-Score, and the judge's attribute accuracy on all held-out pictures;
-- chance: the same real pictures scored against *another* prompt's caption;
-- FID floor: real (train-split) reconstructions, as many as an evaluation generates, against the
-  reference: what a perfect generator would score with that many samples.
+  their prompt fidelity and CLIP-Score, and the judge's attribute accuracy on all held-out pictures;
+- chance: the same real pictures scored against *another* prompt's caption.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor
 from arra_ds.demo.attributes import load_attribute_net
-from arra_ds.demo.scenes import SceneAttributes
+from arra_ds.demo.scenes import SceneAttributes, draw_scene, parse_caption
 from arra_ds.eval.clip_score import build_clip_scorer
 from arra_ds.eval.extractors import build_extractor
 from arra_ds.eval.fid import load_stats
 from arra_ds.eval.reference import ReferenceStatsConfig, write_reference_stats
 from arra_ds.eval.summary import fid_score
-from arra_ds.generate.images import load_rgb, to_chw_batch
+from arra_ds.generate.images import list_images, load_rgb, save_png, to_chw_batch
 from arra_ds.generate.pipeline import load_decoder
 from arra_ds.generate.prompts import load_prompts
 from arra_ds.io import atomic_write_json
@@ -34,9 +38,31 @@ from arra_ds.study.data import read_scene_records, study_vocab
 from arra_ds.study.judge import CodePainter, attribute_accuracy, prompt_fidelity, train_judge
 from arra_ds.study.paths import StudyPaths
 from arra_ds.study.runs import SCENE_EXTRACTOR, judge_weights, reference_stats_file
+from arra_ds.tokens.vqgan import VQGAN
 
 PAINT_CHECK_GRIDS = 4  # train code grids decoded to confirm that painting equals decoding
 READ_BATCH = 64  # pictures per judge / extractor pass
+
+
+def draw_prompt_pictures(cfg: StudyConfig, vq: VQGAN, painter: CodePainter, captions: list[str], per_prompt: int,
+                         folder: Path, stream: int) -> None:
+    """``per_prompt`` fresh pictures of each caption, VQ-encoded and decoded (painted), as
+    ``<prompt>_<replica>.png`` in ``folder`` (random stream ``stream`` of the scene seed)."""
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == len(captions) * per_prompt:
+        return
+    rng = np.random.default_rng([cfg.scenes.seed, stream])
+    preprocess = VQImagePreprocessor(ImagePreprocessConfig(target_size=cfg.scenes.image_size, crop="square"))
+    jobs = [(i, r, parse_caption(caption)) for i, caption in enumerate(captions) for r in range(per_prompt)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(0, len(jobs), READ_BATCH), desc=f"real pictures: {folder.name}", disable=not cfg.progress_bar,
+                      dynamic_ncols=True):
+        chunk = jobs[start : start + READ_BATCH]
+        pixels = torch.stack([preprocess(draw_scene(spec.shapes_for(rng), spec.background, cfg.scenes.image_size, rng))
+                              for _, _, spec in chunk])
+        with torch.no_grad():
+            pictures = painter.paint(vq.encode(pixels))
+        for (i, r, _), picture in zip(chunk, pictures):
+            save_png(picture.permute(1, 2, 0).numpy(), folder / f"{i:04d}_{r}.png")
 
 
 def heldout_items(paths: StudyPaths) -> list[dict]:
@@ -72,13 +98,17 @@ def prepare_instruments(cfg: StudyConfig, paths: StudyPaths, data_summary: dict)
         train_judge(cfg.judge, cfg.scenes.code_size, painter, codes, truth, paths.judge, seed=cfg.scenes.seed,
                     progress=cfg.progress_bar)
     px = cfg.scenes.image_size
+    items = heldout_items(paths)
+    evaluated = [item["caption"] for item in items[: cfg.eval.num_prompts]]
+    vq = VQGAN.from_original(paths.vqgan_yaml, paths.vqgan_ckpt).use_channels_last()
+    draw_prompt_pictures(cfg, vq, painter, evaluated, cfg.eval.reference_per_prompt, paths.reference_pictures, stream=1)
+    draw_prompt_pictures(cfg, vq, painter, evaluated, cfg.eval.samples_per_prompt, paths.floor_pictures, stream=2)
     write_reference_stats(ReferenceStatsConfig(
-        source=str(paths.heldout_recon), extractors=[SCENE_EXTRACTOR],
+        source=str(paths.reference_pictures), extractors=[SCENE_EXTRACTOR],
         extractor_weights={SCENE_EXTRACTOR: str(judge_weights(paths))}, height=px, width=px,
         output_dir=str(paths.reference), progress_bar=False,
     ))
 
-    items = heldout_items(paths)
     pictures = read_pictures(item["image"] for item in items)  # uint8 [H, 3, px, px]
     captions = [item["caption"] for item in items]
     net = load_attribute_net(judge_weights(paths))
@@ -95,11 +125,9 @@ def prepare_instruments(cfg: StudyConfig, paths: StudyPaths, data_summary: dict)
 
     extractor = build_extractor(SCENE_EXTRACTOR, str(judge_weights(paths)))
     reference = load_stats(reference_stats_file(paths), extractor.name, extractor.weights_hash)
-    floor_count = min(len(train), cfg.eval.num_prompts * cfg.eval.samples_per_prompt)
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.scenes.seed))[:floor_count]
+    floor_files = list_images(paths.floor_pictures)
     features = np.concatenate([
-        extractor.extract(painter.paint(codes[chosen[i : i + READ_BATCH]])).numpy()
-        for i in tqdm(range(0, floor_count, READ_BATCH), desc="FID floor", disable=not cfg.progress_bar, dynamic_ncols=True)
+        extractor.extract(read_pictures(floor_files[i : i + READ_BATCH])).numpy() for i in range(0, len(floor_files), READ_BATCH)
     ])
 
     setup = {
@@ -127,8 +155,13 @@ def prepare_instruments(cfg: StudyConfig, paths: StudyPaths, data_summary: dict)
             "fidelity": prompt_fidelity(seen[:shown], [captions[i] for i in other]),
             "clip_score": float(clip_other.mean()),
         },
+        "fid_reference": {
+            "what": f"{reference.num_samples} fresh real pictures ({cfg.eval.reference_per_prompt} per evaluated prompt), VQ-decoded",
+            "stats": str(reference_stats_file(paths)),
+        },
         "fid_floor": {
-            "what": f"{floor_count} real train reconstructions against the reference: a perfect generator's FID at this sample size",
+            "what": f"{len(floor_files)} more fresh real pictures of the evaluated prompts against the reference: a "
+                    "perfect generator's FID at this sample size",
             "fid_scene": fid_score(features, extractor, reference),
         },
     }
