@@ -140,7 +140,7 @@ def test_smoke_study_end_to_end_and_resume(tmp_path):
     assert diff["n"] == 2 and diff["exceeds_spread"] in (True, False)
     assert len(report["verdict"]) == 3
     setup = report["setup"]
-    assert {"ceiling", "chance", "fid_floor", "judge", "clip"} <= set(setup)
+    assert {"ceiling", "chance", "fid_floor", "fid_reference", "judge", "clip"} <= set(setup)
     assert setup["paint_vs_decode_max_error"] <= 2
     markdown = (out / "report.md").read_text()
     assert "## Verdict at the last step" in markdown and "seed-to-seed spread" in markdown

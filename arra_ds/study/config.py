@@ -104,7 +104,7 @@ class JudgeTrainConfig:
 
     channels: int = 32
     feature_dim: int = 64  # FID feature width (its penultimate layer)
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 2.0e-3
     noise_fraction: float = 0.03  # up to this fraction of a training grid's codes is made random (speckles)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -204,6 +205,8 @@ class Scheduler:
                          dynamic_ncols=True, position=0)
         eval_bar = tqdm(total=evals_total, initial=evals_total - sum(t.is_eval for t in pending), desc="study: evaluations",
                         disable=not self.progress, dynamic_ncols=True, position=1)
+        # SIGTERM (kill, a scheduler's time limit) stops the study like Ctrl-C: its processes are stopped too
+        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
         try:
             while pending or running:
                 for r in list(running):
@@ -239,6 +242,7 @@ class Scheduler:
                 r.log_file.close()
             raise
         finally:
+            signal.signal(signal.SIGTERM, previous_handler)
             train_bar.close()
             eval_bar.close()
         return [f"{name}: {why}" for name, why in failed.items()]
@@ -247,10 +251,14 @@ class Scheduler:
     def _after(task: Task, failed: dict) -> bool:
         try:
             task.after()
-        except Exception as e:  # the command succeeded but reading its output did not: report it, go on
-            failed[task.name] = f"{type(e).__name__}: {e}"
+        except Exception:  # the command succeeded but reading its output did not: report it (with the traceback), go on
+            failed[task.name] = traceback.format_exc()
             return False
         return True
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def _tail(path: Path) -> str:
