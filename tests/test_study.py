@@ -19,7 +19,9 @@ from arra_ds.eval.extractors import build_extractor
 from arra_ds.generate.pipeline import decode_to_uint8
 from arra_ds.study.config import load_study_config
 from arra_ds.study.judge import CodePainter, attribute_accuracy, prompt_fidelity
+from arra_ds.study.paths import StudyPaths
 from arra_ds.study.report import compare
+from arra_ds.study.runs import train_command, train_run_config
 from conftest import REPO_ROOT, subprocess_env
 
 
@@ -68,8 +70,8 @@ def test_painted_codes_are_the_decoded_pictures(tmp_path):
     assert painter.check(vq, grids) <= 2
     codes = torch.from_numpy(grids[0]).long()
     assert painter.paint(codes[None]).shape == (1, 3, 64, 64)
-    assert torch.equal(painter.paint(codes[None])[0, :, 8, 24], torch.from_numpy(decode_to_uint8(vq, codes)[8, 24]).to(torch.uint8)) or \
-        (painter.paint(codes[None])[0, :, 8, 24].int() - torch.from_numpy(decode_to_uint8(vq, codes)[8, 24]).int()).abs().max() <= 2
+    decoded = torch.from_numpy(decode_to_uint8(vq, codes)).permute(2, 0, 1).int()  # [3, 64, 64]
+    assert (painter.paint(codes[None])[0].int() - decoded).abs().max() <= 2
 
 
 def test_attribute_model_saves_loads_and_is_an_fid_extractor(tmp_path):
@@ -104,6 +106,27 @@ def test_study_config_profiles_and_errors():
         load_study_config(None, ["run_arms=[ar_only,nope]"])
     with pytest.raises(ConfigError, match="unknown config key 'scenes.colours'"):
         load_study_config(None, ["scenes.colours=3"])
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"], ids=["cpu_profile", "gpu_profile"])  # an id "gpu" would read as the gpu marker
+def test_every_arm_makes_a_valid_run_config(tmp_path, profile):
+    """Each arm's training run (the study's run section + per-run keys + the arm's overrides) passes
+    the trainer's own checks; the same seed gives every arm the same seed and data."""
+    cfg = load_study_config(None, [f"profile={profile}", f"output_dir={tmp_path}"])
+    paths = StudyPaths(tmp_path)
+    paths.mds("train").mkdir(parents=True)
+    (paths.mds("train") / "index.json").write_text("{}")  # DataConfig.validate only looks for it
+    runs = {arm.name: train_run_config(cfg, paths, arm, seed=1) for arm in cfg.selected_arms()}
+    for name, run in runs.items():
+        run.validate()
+        assert run.seed == 1 and run.data.path == str(paths.mds("train")) and run.train.resume == "auto"
+        assert run.train.save_every == (cfg.eval.every or cfg.run.train.max_steps) and run.train.keep_last == 0
+    assert runs[cfg.baseline].align.weight == 0 and runs[cfg.treatment].align.weight == 1
+    assert {run.model.debug.hidden_size for run in runs.values()} == {cfg.run.model.debug.hidden_size}
+    command = train_command(cfg, paths.run_dir("arra", 1) / "study_run.yaml", gpu=None)
+    if cfg.launcher == "deepspeed":
+        assert "--num_gpus" in command and "--master_port" in command
+        assert "--include" in train_command(cfg, tmp_path / "x.yaml", gpu=3) and "localhost:3" in train_command(cfg, tmp_path / "x.yaml", gpu=3)
 
 
 def test_differences_are_paired_and_read_against_the_seed_spread():
@@ -142,6 +165,9 @@ def test_smoke_study_end_to_end_and_resume(tmp_path):
     setup = report["setup"]
     assert {"ceiling", "chance", "fid_floor", "fid_reference", "judge", "clip"} <= set(setup)
     assert setup["paint_vs_decode_max_error"] <= 2
+    timing = report["timing"]
+    assert timing["invocations"] == 1 and set(timing["stages"]) == {"data", "instruments", "runs"}
+    assert timing["training_run_wall_s"]["n"] == 4 and timing["evaluation_wall_s"]["n"] == 8
     markdown = (out / "report.md").read_text()
     assert "## Verdict at the last step" in markdown and "seed-to-seed spread" in markdown
     for picture in ("curves.png", "samples.png"):
@@ -154,7 +180,8 @@ def test_smoke_study_end_to_end_and_resume(tmp_path):
     again = run_study(f"output_dir={out}")  # everything is there: nothing is trained or evaluated again
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run_dir / "train.log").read_text().count("\n$ ") == 1
-    assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+    rerun = json.loads((out / "report.json").read_text())
+    assert rerun["results"] == report["results"] and rerun["timing"]["invocations"] == 2
 
     changed = run_study(f"output_dir={out}", "run.train.max_steps=6", "eval.every=3")
     assert changed.returncode == 2 and "other settings" in changed.stderr

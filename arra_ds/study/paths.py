@@ -9,6 +9,7 @@
     models/                    text_tokenizer.json, vqgan.yaml/.ckpt, clip/ (+ randclip/), judge/
     reference/scene.npz        FID reference statistics (data/heldout/reference)
     setup.json                 the data and models: sizes, CLIP and judge quality, ceilings, chance levels
+    timing.jsonl               wall and CPU seconds of every stage and process, one line per invocation
     runs/<arm>/seed_<s>/       a training run (the trainer's run dir), train.log, study_run.yaml
         eval/step_<n>/         launch/eval.py output (images/, report.json) + fidelity.json
     report.md, report.json, curves.png, samples.png
@@ -106,6 +107,10 @@ class StudyPaths:
     @property
     def setup(self) -> Path:
         return self.root / "setup.json"
+
+    @property
+    def timing(self) -> Path:
+        return self.root / "timing.jsonl"
 
     # ---- runs ----
     def run_dir(self, arm: str, seed: int) -> Path:

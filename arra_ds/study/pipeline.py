@@ -12,6 +12,8 @@ added arms or seeds.
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import shlex
 import sys
 import time
@@ -22,7 +24,7 @@ import yaml
 from arra_ds.config import save_config, to_dict
 from arra_ds.demo.attributes import load_attribute_net
 from arra_ds.errors import ConfigError
-from arra_ds.io import atomic_write_json, read_jsonl
+from arra_ds.io import append_jsonl, atomic_write_json, read_jsonl
 from arra_ds.study.config import StudyConfig
 from arra_ds.study.data import prepare_data
 from arra_ds.study.judge import prompt_fidelity
@@ -124,21 +126,51 @@ def build_tasks(cfg: StudyConfig, paths: StudyPaths) -> list[Task]:
     return tasks
 
 
+class StageClock:
+    """Wall and CPU seconds (this process and the processes it waited for) of each stage of one
+    invocation; appended to ``timing.jsonl`` so that a resumed study still reports every stage."""
+
+    def __init__(self, paths: StudyPaths):
+        self.paths = paths
+        self.record: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": {}}
+
+    @staticmethod
+    def _cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        wall, cpu = time.perf_counter(), self._cpu()
+        try:
+            yield
+        finally:
+            self.record["stages"][name] = {"wall_s": time.perf_counter() - wall, "cpu_s": self._cpu() - cpu}
+
+    def save(self, task_durations: dict[str, float]) -> list[dict]:
+        self.record["tasks_wall_s"] = task_durations
+        append_jsonl(self.paths.timing, self.record)
+        return read_jsonl(self.paths.timing)
+
+
 def run_study(cfg: StudyConfig, command: str = "") -> dict:
     """Run (or resume) the study; returns the report."""
-    start = time.perf_counter()
     paths = StudyPaths(Path(cfg.output_dir))
     check_study_dir(cfg, paths)
-    data_summary = prepare_data(cfg, paths)
-    setup = prepare_instruments(cfg, paths, data_summary)
-    tasks = build_tasks(cfg, paths)
+    clock = StageClock(paths)
     runs = [paths.run_dir(arm.name, seed) for seed in cfg.seeds for arm in cfg.selected_arms()]
     scheduler = Scheduler(cfg.parallel, cfg.threads_per_process, visible_gpus(cfg), cfg.progress_bar)
-    failures = scheduler.run(
-        tasks, train_total=len(runs) * cfg.run.train.max_steps, step_counter=lambda: sum(last_logged_step(r) for r in runs)
-    )
-    report = write_report(cfg, paths, setup, command or shlex.join(sys.argv), time.perf_counter() - start,
-                          heldout_items(paths))
+    with clock.stage("data"):
+        data_summary = prepare_data(cfg, paths)
+    with clock.stage("instruments"):
+        setup = prepare_instruments(cfg, paths, data_summary)
+    with clock.stage("runs"):
+        failures = scheduler.run(
+            build_tasks(cfg, paths), train_total=len(runs) * cfg.run.train.max_steps,
+            step_counter=lambda: sum(last_logged_step(r) for r in runs),
+        )
+    timing = clock.save(scheduler.durations)
+    report = write_report(cfg, paths, setup, command or shlex.join(sys.argv), timing, heldout_items(paths))
     if failures:
         raise StudyRunError(
             f"{len(failures)} task(s) of the study failed (the report covers the rest; rerun the same command to "

@@ -225,7 +225,26 @@ def plot_samples(cfg: StudyConfig, paths: StudyPaths, label: dict, real_images: 
     fig.savefig(out, dpi=100)
 
 
-def write_report(cfg: StudyConfig, paths: StudyPaths, setup: dict, command: str, elapsed_s: float,
+def summarise_timing(timing: list[dict]) -> dict:
+    """Per stage, wall and CPU seconds summed over invocations; per kind of process, wall seconds."""
+    stages: dict = {}
+    for record in timing:
+        for name, value in record["stages"].items():
+            total = stages.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+            total["wall_s"] += value["wall_s"]
+            total["cpu_s"] += value["cpu_s"]
+    tasks = {name: seconds for record in timing for name, seconds in record.get("tasks_wall_s", {}).items()}
+    return {
+        "invocations": len(timing),
+        "wall_s": sum(v["wall_s"] for v in stages.values()),
+        "cpu_s": sum(v["cpu_s"] for v in stages.values()),
+        "stages": stages,
+        "training_run_wall_s": _stats([v for k, v in tasks.items() if k.startswith("train ")]),
+        "evaluation_wall_s": _stats([v for k, v in tasks.items() if k.startswith("eval ")]),
+    }
+
+
+def write_report(cfg: StudyConfig, paths: StudyPaths, setup: dict, command: str, timing: list[dict],
                  heldout: list[dict]) -> dict:
     label = {arm.name: arm.label or arm.name for arm in cfg.selected_arms()}
     results = collect(cfg, paths)
@@ -238,7 +257,7 @@ def write_report(cfg: StudyConfig, paths: StudyPaths, setup: dict, command: str,
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count() or 0},
-        "elapsed_s": elapsed_s,
+        "timing": summarise_timing(timing),
         "profile": cfg.profile,
         "seeds": cfg.seeds,
         "arms": {arm.name: {"label": label[arm.name], "overrides": arm.overrides} for arm in cfg.selected_arms()},
@@ -257,6 +276,19 @@ def write_report(cfg: StudyConfig, paths: StudyPaths, setup: dict, command: str,
     return report
 
 
+def _timing_line(timing: dict, parallel: int) -> str:
+    stages = ", ".join(f"{name} {value['wall_s'] / 60:.1f}" for name, value in timing["stages"].items())
+    train, evaluation = timing["training_run_wall_s"], timing["evaluation_wall_s"]
+    per_task = []
+    if train["mean"] is not None:
+        per_task.append(f"a training run {train['mean'] / 60:.1f} min")
+    if evaluation["mean"] is not None:
+        per_task.append(f"an evaluation {evaluation['mean'] / 60:.1f} min")
+    tasks = f"; {' and '.join(per_task)} on average, {parallel} at a time" if per_task else ""
+    return (f"Time: {timing['wall_s'] / 60:.1f} min wall, {timing['cpu_s'] / 60:.1f} min CPU, over {timing['invocations']} "
+            f"invocation(s) (minutes: {stages}){tasks}.")
+
+
 def _arm_list(arms: dict) -> str:
     return ", ".join(f"**{v['label']}** (`{' '.join(v['overrides']) or 'no overrides'}`)" for v in arms.values())
 
@@ -270,8 +302,8 @@ def _markdown(cfg: StudyConfig, report: dict, label: dict, heldout: list[dict]) 
         f"# Does ARRA help? Study report (profile `{cfg.profile}`)",
         "",
         f"Command: `{report['command']}`  ",
-        f"Date: {report['date']}; machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs; "
-        f"wall time {report['elapsed_s'] / 60:.1f} min.",
+        f"Date: {report['date']}; machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs.  ",
+        _timing_line(report["timing"], cfg.parallel),
         "",
         f"Arms: {_arm_list(report['arms'])}; "
         f"seeds {cfg.seeds}; {run.train.max_steps} steps of {run.train.micro_batch_size} samples from random init "

@@ -157,6 +157,7 @@ class Running:
     process: subprocess.Popen
     slot: int
     log_file: object
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Scheduler:
     threads: int
     gpus: list[int] = field(default_factory=list)
     progress: bool = True
+    durations: dict[str, float] = field(default_factory=dict)  # task name -> wall seconds of its process
 
     def _gpu(self, slot: int) -> int | None:
         return self.gpus[slot % len(self.gpus)] if self.gpus else None
@@ -215,6 +217,7 @@ class Scheduler:
                         continue
                     r.log_file.close()
                     running.remove(r)
+                    self.durations[r.task.name] = time.perf_counter() - r.started
                     if code != 0:
                         failed[r.task.name] = f"exit code {code}; log {r.task.log}:\n{_tail(r.task.log)}"
                         tqdm.write(f"study: {r.task.name} failed (exit code {code}); log: {r.task.log}")
