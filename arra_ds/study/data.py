@@ -159,7 +159,7 @@ def write_heldout_prompts(cfg: StudyConfig, paths: StudyPaths) -> None:
     """Decode the held-out codes once (the real pictures as the VQ tokenizer gives them back) and
     write ``prompts.json``: the evaluation's prompts with those reconstructions as their real images
     (and ``prompts.txt``, the same prompts alone)."""
-    if paths.heldout_prompts.is_file():
+    if paths.heldout_prompts.is_file() and paths.eval_prompts_text.is_file():
         return
     prompt_set = load_prompts(paths.mds("heldout"), study_vocab(cfg))
     decoder = load_decoder(str(paths.vqgan_yaml), str(paths.vqgan_ckpt), "cpu")
