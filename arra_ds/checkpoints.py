@@ -4,6 +4,9 @@ trained backbone back (for export, generation and evaluation). Writing is ``arra
 Layout of a run directory:
 
     config.yaml                the resolved run config (export / generate / eval read its ``model`` section only)
+    arra_data.json             what generation and evaluation need to know about the training data
+                               (``RunData``: image grid, VQGAN files, encoder, held-out prompts); an export
+                               carries a copy
     checkpoints/
       latest                   the tag of the newest complete checkpoint (replaced atomically)
       step_00000100/           a complete checkpoint:
@@ -11,6 +14,9 @@ Layout of a run directory:
         rng_rank_00000.pt ...  each rank's RNG states (loaded with torch.load(weights_only=True))
         trainer_state.json     step, samples seen, streaming loader state, skip counters, world size
         manifest.json          every file with its size, the commit order and time; written last
+        universal/             DeepSpeed's universal form of this checkpoint (per parameter: fp32 weights and
+                               Adam's moments), written on the first resume with another number of ranks and
+                               kept as a cache (own manifest.json; ``universal.partial/`` while converting)
       step_00000200.partial/   a save in progress, or one interrupted by a crash: never loaded
 
 On load the manifest (file sizes) and the zip CRCs of the torch files are checked first, so a
@@ -22,27 +28,31 @@ no engine).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from arra_ds.config import from_dict
+from arra_ds.config import from_dict, read_config_file
 from arra_ds.errors import ConfigError, InputNotFoundError, UserError
 from arra_ds.model.backbone import ModelConfig, build_backbone_skeleton
+from arra_ds.tokens.layout import CODE_PATCH_PX
 from arra_ds.tokens.vocab import ChameleonVocab
 
 CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_FILE = "config.yaml"
+RUN_DATA_FILE = "arra_data.json"
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 PARTIAL_SUFFIX = ".partial"
+UNIVERSAL_DIR = "universal"  # inside a tag directory: its DeepSpeed universal form (elastic resume)
 REPLACED_SUFFIX = ".replaced"
 FORMAT_VERSION = 1
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -238,7 +248,10 @@ def consolidated_state_dict(ref: CheckpointRef, dtype: torch.dtype | None = None
 
     check_contents(ref.path, verify(ref.path))
     try:
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag, lazy_mode=True)
+        # zero_to_fp32 prints its progress (files, tensor counts, progress bars) as the command-line tool
+        # it also is; here it is one quiet step of export / generation / evaluation (errors still raise)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            lazy = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag, lazy_mode=True)
         state = {}
         for name in list(lazy):
             tensor = lazy.pop(name).contiguous()
@@ -257,11 +270,8 @@ def read_run_model_config(run_dir: str | Path) -> ModelConfig:
     config_path = Path(run_dir) / RUN_CONFIG_FILE
     if not config_path.is_file():
         raise InputNotFoundError(f"{config_path} not found: the trainer writes the resolved run config there")
-    try:
-        data = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{config_path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    data = read_config_file(config_path)
+    if not isinstance(data.get("model"), dict):
         raise ConfigError(f"{config_path} has no 'model' section; is it a run config written by arra_ds?")
     model_cfg = from_dict(ModelConfig, data["model"], prefix="model")
     model_cfg.validate()
@@ -320,3 +330,64 @@ def load_trained_backbone(
         ) from e
     backbone.to(device).eval().requires_grad_(False)
     return backbone, vocab, trained
+
+
+# ---- what the run was trained on ---------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    """What generation and evaluation need to know about the data a run was trained on.
+
+    The trainer writes it to ``<run dir>/arra_data.json`` (``arra_ds/train/data_record.py``); an
+    export copies it. Empty fields are unknown (e.g. data pre-tokenised elsewhere, without its
+    ``pretokenize_meta.json``); explicit keys of generation and evaluation always win over it.
+    """
+
+    source: str = ""  # the training data (data.path; for the demo, its directory in the cache)
+    code_height: int = 0  # the trained image grid in VQ codes (of the first training sample); 0 = unknown
+    code_width: int = 0
+    vqgan_config: str = ""  # the VQGAN the data was pre-tokenised with: vqgan.yaml + vqgan.ckpt
+    vqgan_checkpoint: str = ""
+    tokenizer: str = ""  # the text tokenizer of pre-tokenization
+    encoder: dict[str, str] = field(default_factory=dict)  # the alignment target's EncoderSpec (name, kind, path, ...)
+    heldout_prompts: str = ""  # prompts not trained on (MDS dir, .json or .txt): the default eval prompts
+    extractors: list[str] = field(default_factory=list)  # FID feature extractors that work offline on this data
+    clip_model: str = ""  # the CLIP-Score model for this data (clip_model= of launch/eval.py)
+    # caveats a report repeats when it uses that default: key (extractors, clip_model, prompts) -> note
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def height_px(self) -> int:
+        return self.code_height * CODE_PATCH_PX
+
+    @property
+    def width_px(self) -> int:
+        return self.code_width * CODE_PATCH_PX
+
+
+def run_data_path(model: str | Path) -> Path | None:
+    """Where the data record of ``model`` (a trainer checkpoint or an exported HF directory) is, if any."""
+    path = Path(model)
+    if (path / RUN_DATA_FILE).is_file():
+        return path / RUN_DATA_FILE
+    if is_trainer_checkpoint(path):
+        candidate = resolve_checkpoint(path).run_dir / RUN_DATA_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_run_data(model: str | Path) -> RunData | None:
+    """The data record of a trainer checkpoint (run dir, checkpoints dir or step dir) or of an export;
+    None when the model has none (runs of older versions, HF models from elsewhere)."""
+    path = run_data_path(model)
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); delete it and pass the data keys explicitly") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object (the trainer's data record)")
+    return from_dict(RunData, data, prefix=RUN_DATA_FILE)

@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     import torch
     import torch.nn.functional as F
 
-    from bench.harness import max_rel_error, measure, print_table
+    from bench.harness import compare_implementations, print_table, write_json
     from arra_ds.kernels.align_loss import fused_projection_loss, reference_projection_loss
 
     n = args.rows_per_sample * args.samples
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         cos = (F.normalize(projected, dim=-1) * F.normalize(target_rows, dim=-1)).sum(-1)
         return 1.0 - (row_weight * cos).sum()
 
-    compiled_dense_loss = torch.compile(dense_loss, fullgraph=True)
+    compiled_dense_loss = torch.compile(dense_loss, fullgraph=True, backend=args.compile_backend)
 
     def compiled(hidden, sample_idx, target, *params):
         counts = torch.bincount(sample_idx, minlength=target.shape[0])
@@ -82,7 +82,10 @@ def main(argv=None) -> None:
 
     impls = {
         "eager": (eager, "AlignHead mlp + gva_loss (model torch path)"),
-        "compile": (compiled, "torch.compile(fullgraph) of the same math, row weights outside"),
+        "compile": (
+            compiled,
+            f"torch.compile(fullgraph, backend={args.compile_backend}) of the same math, row weights outside",
+        ),
         "fused": (fused, "kernels/align_loss.py"),
     }
     if device.type == "cpu":
@@ -104,17 +107,16 @@ def main(argv=None) -> None:
         f"align loss ({args.kind}) fwd+bwd: N={n} ({args.samples} x {args.rows_per_sample}), H={args.hidden}, "
         f"D={args.dim}, {args.dtype}, {device}{device_name}"
     )
-    ref_loss, ref_grads = run_once(eager)
-    rows, errors = [], []
-    for name in names:
-        fn, note = impls[name]
-        loss, grads = run_once(fn)
-        errors.append((name, max_rel_error(loss, ref_loss), max(max_rel_error(a, b) for a, b in zip(grads, ref_grads))))
-        rows.append(measure(name, lambda: run_once(fn), device, args.warmup, args.iters, note))
-    print_table("time and peak extra memory (ratios vs eager)", rows)
-    print("\n| implementation | loss rel. error vs eager | max grad rel. error vs eager |\n|---|---:|---:|")
-    for name, loss_err, grad_err in errors:
-        print(f"| {name} | {loss_err:.2e} | {grad_err:.2e} |")
+    rows = compare_implementations(
+        impls, names, run_once, ["loss", "d hidden", "d fc1_w", "d fc1_b", "d fc2_w", "d fc2_b"], device,
+        args.warmup, args.iters,
+    )
+    print_table("time and peak extra memory (ratios vs eager); errors vs eager", rows)
+    if args.out:
+        config = dict(kind=args.kind, rows=n, samples=args.samples, hidden=args.hidden, dim=args.dim,
+                      dtype=args.dtype, device=f"{device}{device_name}", warmup=args.warmup, iters=args.iters,
+                      compile_backend=args.compile_backend)
+        write_json(args.out, config, rows)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,22 @@ mask, image top-k, inverse-CDF draws with per-sample seeds) and the same machine
 
 The baseline omits Hugging Face ``generate``'s own per-step Python overhead, so the ratio is a lower
 bound of the speed-up over the real Lumina-mGPT code. Also reported: how many images both produce
-identically (same seed; differences come only from float round-off flipping a draw).
+identically (same seed; differences come only from float round-off flipping a draw), and seconds
+per image of each side.
 
+``--shape demo`` is the model of the default run (configs/debug.yaml: hidden 64, 4 layers, the debug
+vocabulary) at its trained size, 128 x 128; ``--decode`` adds turning the codes into pixels with a
+VQGAN of the demo's architecture (one image per call, as the generation pipeline does) to both sides:
+
+    python bench/generate.py --shape demo --size 128 --num-images 16 --batch-size 16 --decode --threads 1
     python bench/generate.py --shape cpu-small --size 256 --num-images 8 --batch-size 8
     python bench/generate.py --shape chameleon7b --size 512 --num-images 32 --batch-size 16 --device cuda --dtype bf16
+    # within a short GPU lease (bench/gpu/suite.py): a 64-px warm-up and the baseline on the first 2 images only
+    python bench/generate.py --shape chameleon7b --size 512 --num-images 16 --batch-size 16 --baseline-images 2 \
+        --warmup-size 64 --device cuda --dtype bf16
+
+Images/s of each path is measured on its own images, so the baseline may run on fewer (--baseline-images: one
+image at a time costs the most); ``identical_images`` compares the images both paths made.
 """
 
 import argparse
@@ -23,17 +35,24 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import ChameleonForConditionalGeneration, DynamicCache
+# run from a checkout without installing; before torch / transformers, which may import arra_ds through an
+# installed copy (transformers probes for a top-level `kernels` package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch  # noqa: E402
+from transformers import ChameleonForConditionalGeneration, DynamicCache  # noqa: E402
 
+from arra_ds.demo.config import DemoDataConfig  # noqa: E402
+from arra_ds.demo.models import demo_vqgan_config  # noqa: E402
+from arra_ds.generate.pipeline import decode_to_uint8  # noqa: E402
 from arra_ds.generate.sampler import ImageSampler  # noqa: E402
 from arra_ds.generate.sampling import SamplingConfig, seed_for_sample  # noqa: E402
-from arra_ds.tokens.layout import ImageGrid  # noqa: E402
+from arra_ds.tokens.layout import CODE_PATCH_PX, ImageGrid  # noqa: E402
 from arra_ds.generate.sampling import draw_uniforms, restrict_to, sample_generators, sample_top_k  # noqa: E402
 from arra_ds.model.backbone import DebugModelConfig, LMHeadWithLoss, debug_chameleon_config  # noqa: E402
 from arra_ds.tokens.vocab import ChameleonVocab  # noqa: E402
+from arra_ds.tokens.vqgan import VQGAN  # noqa: E402
+from arra_ds.train.run_config import load_run_config  # noqa: E402
 
 # Chameleon-7B: hidden 4096, 32 layers x 32 heads, MLP 11008, vocab 65536, 8192 image codes.
 SHAPES = {
@@ -42,15 +61,22 @@ SHAPES = {
 }
 CHAMELEON_VOCAB = 65536
 CHAMELEON_IMAGE_CODES = 8192
+DEMO = "demo"  # the default run's model (configs/debug.yaml), with its own vocabulary
 
 
 def build_model(shape: str, layers: int, device: str, dtype: torch.dtype):
-    sizes = dict(SHAPES[shape])
-    if layers:
-        sizes["num_hidden_layers"] = layers
-    cfg = DebugModelConfig(**sizes, num_image_codes=CHAMELEON_IMAGE_CODES, max_position_embeddings=4096)
-    hf_config = debug_chameleon_config(cfg, "sdpa")
-    hf_config.vocab_size = CHAMELEON_VOCAB  # the real LM-head width; ids past the debug vocabulary are unused
+    if shape == DEMO:
+        cfg = load_run_config().model.debug
+        if layers:
+            cfg.num_hidden_layers = layers
+        hf_config = debug_chameleon_config(cfg, "sdpa")
+    else:
+        sizes = dict(SHAPES[shape])
+        if layers:
+            sizes["num_hidden_layers"] = layers
+        cfg = DebugModelConfig(**sizes, num_image_codes=CHAMELEON_IMAGE_CODES, max_position_embeddings=4096)
+        hf_config = debug_chameleon_config(cfg, "sdpa")
+        hf_config.vocab_size = CHAMELEON_VOCAB  # the real LM-head width; ids past the debug vocabulary are unused
     torch.manual_seed(0)
     with torch.device(device):
         model = ChameleonForConditionalGeneration._from_config(hf_config, dtype=dtype)
@@ -63,7 +89,7 @@ def build_model(shape: str, layers: int, device: str, dtype: torch.dtype):
 @torch.inference_mode()
 def lumina_style_generate(model, vocab, cfg: SamplingConfig, prompt_ids, seed) -> torch.Tensor:
     """One image; conditional and unconditional branches as separate batch-1 calls (own KV caches)."""
-    layout = ImageGrid.for_pixels(cfg.height, cfg.width)
+    layout = ImageGrid.for_pixels(*cfg.pixel_size())
     device = next(model.parameters()).device
     allowed = torch.zeros(model.lm_head.weight.shape[0], dtype=torch.bool, device=device)
     allowed[vocab.image_token_ids.to(device)] = True
@@ -95,6 +121,13 @@ def lumina_style_generate(model, vocab, cfg: SamplingConfig, prompt_ids, seed) -
     return vocab.tokens_to_codes(grid)
 
 
+def demo_decoder(num_codes: int, size: int, device: str) -> VQGAN:
+    """A VQGAN of the demo's architecture (f = 16, cheap at 128 px); random weights decode as fast."""
+    torch.manual_seed(0)
+    cfg = DemoDataConfig(code_size=size // CODE_PATCH_PX, num_image_codes=num_codes)
+    return VQGAN(demo_vqgan_config(cfg)).to(device).eval()
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -102,15 +135,20 @@ def synchronize(device: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu-small")
+    parser.add_argument("--shape", choices=sorted([*SHAPES, DEMO]), default="cpu-small")
     parser.add_argument("--layers", type=int, default=0, help="truncate to this many decoder layers (0 = the shape's)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (multiple of 32)")
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--baseline-images", type=int, default=0,
+                        help="images the one-at-a-time baseline makes (the first ones; 0 = --num-images)")
+    parser.add_argument("--warmup-size", type=int, default=0,
+                        help="image side of the warm-up generations (0 = --size; smaller saves time on a slow path)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--decode", action="store_true", help="include decoding to pixels (a VQGAN of the demo's architecture)")
     parser.add_argument("--out", default="", help="also write the result JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -124,19 +162,32 @@ def main() -> int:
     sampler = ImageSampler(model, vocab, cfg)
     steps = ImageGrid.for_pixels(args.size, args.size).body_length
 
-    sampler.generate(prompts[:1], seeds[:1])  # warm-up (kernels, allocator)
-    lumina_style_generate(model, vocab, cfg, prompts[0], seeds[0])
+    decoder = demo_decoder(vocab.num_image_codes, args.size, args.device) if args.decode else None
+
+    def decoded(codes: torch.Tensor) -> torch.Tensor:
+        if decoder is not None:
+            decode_to_uint8(decoder, codes)  # one image per call, as the generation pipeline does
+        return codes
+
+    warmup_cfg = SamplingConfig(height=args.warmup_size or args.size, width=args.warmup_size or args.size,
+                                guidance_scale=args.guidance)
+    # warm-up (kernels, allocator)
+    decoded(ImageSampler(model, vocab, warmup_cfg).generate(prompts[:1], seeds[:1]).codes[0])
+    lumina_style_generate(model, vocab, warmup_cfg, prompts[0], seeds[0])
+    baseline_images = min(args.baseline_images or args.num_images, args.num_images)
 
     synchronize(args.device)
     start = time.perf_counter()
     ours = []
     for i in range(0, args.num_images, args.batch_size):
-        ours.extend(sampler.generate(prompts[i : i + args.batch_size], seeds[i : i + args.batch_size]).codes)
+        batch = sampler.generate(prompts[i : i + args.batch_size], seeds[i : i + args.batch_size]).codes
+        ours.extend(decoded(codes) for codes in batch)
     synchronize(args.device)
     batched_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    baseline = [lumina_style_generate(model, vocab, cfg, p, s) for p, s in zip(prompts, seeds)]
+    baseline = [decoded(lumina_style_generate(model, vocab, cfg, p, s))
+                for p, s in zip(prompts[:baseline_images], seeds)]
     synchronize(args.device)
     baseline_s = time.perf_counter() - start
 
@@ -145,9 +196,14 @@ def main() -> int:
         "vocab": model.config.vocab_size, "size": args.size, "tokens_per_image": steps + 3, "device": args.device,
         "dtype": args.dtype, "guidance": args.guidance, "num_images": args.num_images, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
+        "decode": args.decode,
         "batched_images_per_s": args.num_images / batched_s,
-        "one_at_a_time_images_per_s": args.num_images / baseline_s,
-        "speedup": baseline_s / batched_s,
+        "baseline_images": baseline_images,
+        "warmup_size": args.warmup_size or args.size,
+        "one_at_a_time_images_per_s": baseline_images / baseline_s,
+        "batched_s_per_image": batched_s / args.num_images,
+        "one_at_a_time_s_per_image": baseline_s / baseline_images,
+        "speedup": (baseline_s / baseline_images) / (batched_s / args.num_images),
         "identical_images": sum(bool(torch.equal(a.cpu(), b.cpu())) for a, b in zip(ours, baseline)),
     }
     print(json.dumps(result, indent=2))

@@ -4,14 +4,19 @@ Each implementation is a zero-argument callable that runs one forward + backward
 ``iters`` calls after ``warmup`` calls (torch.compile compiles during warmup), with device syncs.
 Peak memory (CUDA only): the highest allocation above what was allocated before the call, i.e.
 activations, logits, temporaries and the gradients it produces; the inputs are not counted.
+An implementation that raises (a torch.compile or Triton error, out of memory) is recorded with its
+error and the others still run, so one failure does not cost the whole table.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import json
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,9 +24,12 @@ import torch
 @dataclass
 class Measurement:
     name: str
-    ms: float
-    peak_bytes: int | None  # None on CPU
+    ms: float | None  # None when the implementation failed
+    peak_bytes: int | None  # None on CPU or after a failure
     note: str = ""
+    # normwise error against the baseline (first row), per output: "loss", then one per gradient
+    rel_errors: dict[str, float] = field(default_factory=dict)
+    error: str = ""  # why it failed (exception type and first line), empty when it ran
 
 
 def _sync(device: torch.device) -> None:
@@ -51,19 +59,68 @@ def measure(
     return Measurement(name, (time.perf_counter() - start) * 1e3 / iters, peak, note)
 
 
+def compare_implementations(
+    impls: dict[str, tuple[Callable, str]],
+    names: Sequence[str],
+    run_once: Callable[[Callable], tuple[torch.Tensor, list[torch.Tensor]]],
+    output_names: Sequence[str],
+    device: torch.device,
+    warmup: int,
+    iters: int,
+) -> list[Measurement]:
+    """Check each implementation against the first (the baseline), then time it.
+
+    ``run_once(fn)`` runs one forward + backward of ``fn`` and returns (loss, gradients);
+    ``output_names`` names the loss and each gradient, in that order. The baseline must run.
+    """
+    ref_loss, ref_grads = run_once(impls[names[0]][0])
+    rows = []
+    for name in names:
+        fn, note = impls[name]
+        try:
+            loss, grads = run_once(fn)
+            errors = [max_rel_error(loss, ref_loss), *(max_rel_error(a, b) for a, b in zip(grads, ref_grads))]
+            row = measure(name, functools.partial(run_once, fn), device, warmup, iters, note)
+            row.rel_errors = dict(zip(output_names, errors))
+        except Exception as e:  # noqa: BLE001 - recorded in the table; the other implementations still run
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            row = Measurement(name, None, None, note, error=f"{type(e).__name__}: {first_line}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
 def print_table(title: str, rows: list[Measurement]) -> None:
-    """Markdown table; ratios are against the first row (the eager baseline)."""
+    """Markdown tables: time and memory with ratios against the first row (the eager baseline), then
+    each implementation's error against it."""
     base = rows[0]
     print(f"\n{title}\n")
     print("| implementation | fwd+bwd ms | time / eager | peak extra MiB | memory / eager | note |")
     print("|---|---:|---:|---:|---:|---|")
     for row in rows:
+        if row.ms is None:
+            print(f"| {row.name} | failed | - | - | - | {row.error} |")
+            continue
         if row.peak_bytes is None:
             mem, mem_ratio = "-", "-"
         else:
             mem = f"{row.peak_bytes / 2**20:.1f}"
             mem_ratio = f"{row.peak_bytes / base.peak_bytes:.3f}" if base.peak_bytes else "-"
-        print(f"| {row.name} | {row.ms:.3f} | {row.ms / base.ms:.3f} | {mem} | {mem_ratio} | {row.note} |")
+        time_ratio = f"{row.ms / base.ms:.3f}" if base.ms else "-"
+        print(f"| {row.name} | {row.ms:.3f} | {time_ratio} | {mem} | {mem_ratio} | {row.note} |")
+    output_names = next((list(r.rel_errors) for r in rows if r.rel_errors), [])
+    print(f"\n| implementation | {' | '.join(f'{n} rel. error' for n in output_names)} |")
+    print("|---|" + "---:|" * len(output_names))
+    for row in rows:
+        if row.rel_errors:
+            print(f"| {row.name} | " + " | ".join(f"{row.rel_errors[n]:.2e}" for n in output_names) + " |")
+
+
+def write_json(path: str | Path, config: dict, rows: list[Measurement]) -> None:
+    """The run's configuration and every row (times in ms, peak memory in bytes), for bench/gpu/suite.py."""
+    Path(path).write_text(json.dumps({"config": config, "rows": [asdict(r) for r in rows]}, indent=1))
 
 
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -19,6 +19,12 @@ def kernel_bench_parser(doc: str, seven_b: dict, small: dict, warmup: int, iters
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--iters", type=int, default=iters)
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the 'compile' row; 'eager' traces with dynamo only (a quick CPU check)",
+    )
+    p.add_argument("--out", default="", help="also write the configuration and every row as JSON here")
     return p
 
 

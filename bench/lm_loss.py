@@ -42,11 +42,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = select_device(args)  # before torch imports triton.language
     import torch
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
     from arra_ds.tokens.layout import IGNORE_INDEX
     from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
-    from bench.harness import max_rel_error, measure, print_table
+    from bench.harness import compare_implementations, print_table, write_json
     from arra_ds.kernels.lm_loss import fused_lm_loss
 
     z_w = args.z_loss_weight
@@ -65,6 +64,9 @@ def main(argv=None) -> None:
         return fused_lm_loss(h, w, y, z_w, args.chunk_size)[0]
 
     def liger(h, w, y):
+        # imported here: a broken Liger install then fails only its own row (bench/harness.py)
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
         # positional: bias, ce_weight, ignore_index, lse_square_scale (z_w), label_smoothing, reduction,
         # softcap, return_z_loss, accum_dtype (fp32 dW accumulation, as ours)
         return LigerFusedLinearCrossEntropyFunction.apply(
@@ -74,7 +76,9 @@ def main(argv=None) -> None:
     interp = " (Triton CPU interpreter: not a kernel time)" if device.type == "cpu" else ""
     impls = {
         "eager": (eager, "Lumina-style: full logits upcast to fp32"),
-        "compile": (torch.compile(eager), "torch.compile(eager)"),
+        "compile": (
+            torch.compile(eager, backend=args.compile_backend), f"torch.compile(eager, backend={args.compile_backend})"
+        ),
         "chunked": (chunked, f"arra_ds torch chunked, {args.chunk_size} rows/chunk"),
         "fused": (fused, f"kernels/lm_loss.py, {args.chunk_size} rows/chunk" + interp),
         "liger": (liger, "Liger-Kernel 0.8.5 fused linear CE" + interp),
@@ -90,21 +94,18 @@ def main(argv=None) -> None:
         loss.backward()
         return loss.detach(), [hidden.grad, weight.grad]
 
-    print(
-        f"LM head + CE + z-loss fwd+bwd: N={args.rows}, H={args.hidden}, V={args.vocab}, z_w={z_w}, {args.dtype}, "
-        f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    device_name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"LM head + CE + z-loss fwd+bwd: N={args.rows}, H={args.hidden}, V={args.vocab}, z_w={z_w}, {args.dtype}, "
+          f"{device}{device_name}")
+    rows = compare_implementations(
+        impls, names, run_once, ["loss", "d hidden", "d weight"], device, args.warmup, args.iters
     )
-    ref_loss, ref_grads = run_once(eager)
-    rows, errors = [], []
-    for name in names:
-        fn, note = impls[name]
-        loss, grads = run_once(fn)
-        errors.append((name, max_rel_error(loss, ref_loss), *(max_rel_error(a, b) for a, b in zip(grads, ref_grads))))
-        rows.append(measure(name, lambda: run_once(fn), device, args.warmup, args.iters, note))
-    print_table("time and peak extra memory (ratios vs eager)", rows)
-    print("\n| implementation | loss rel. error | d hidden rel. error | d weight rel. error |\n|---|---:|---:|---:|")
-    for name, *errs in errors:
-        print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+    print_table("time and peak extra memory (ratios vs eager); errors vs eager", rows)
+    if args.out:
+        config = dict(rows=args.rows, hidden=args.hidden, vocab=args.vocab, z_loss_weight=z_w,
+                      chunk_size=args.chunk_size, dtype=args.dtype, device=f"{device}{device_name}",
+                      warmup=args.warmup, iters=args.iters, compile_backend=args.compile_backend)
+        write_json(args.out, config, rows)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@
     deepspeed bench/train_throughput.py --shape debug --steps 8
     # Chameleon-7B layer shape on one GPU, as many layers as fit, ZeRO-3, bf16, activation checkpointing:
     deepspeed --num_gpus 1 bench/train_throughput.py --shape chameleon7b --layers 8 --seq-len 4096 --micro-batch 1
+    # one mode per process (a DeepSpeed engine is not freed within a process, so two 7B engines would not
+    # fit on one GPU; bench/gpu/suite.py runs --modes arra and --modes ar and takes the ratio of the JSONs):
+    python bench/train_throughput.py --shape chameleon7b --seq-len 4096 --micro-batch 1 --modes arra --out arra.json
 
 Batches use the real token layout: (prompt + 1060-token 512x512 image part) units packed back to back
 to fill --seq-len, labels -100 over each prompt, one target feature per row. Prints tokens/s, MFU and
 HFU (PaLM formula, GPU only), peak memory, the forward/backward/optimizer split, and the ARRA/AR
-step-time ratio (the cost of the alignment term). --out writes the same as JSON.
+step-time ratio (the cost of the alignment term) when both modes ran. --out writes the same as JSON.
 """
 
 from __future__ import annotations
@@ -127,6 +130,9 @@ def measure(mode: str, args, ds_template: dict) -> dict:
         "mfu": flops * tokens_per_s / peak if peak else None,
         "hfu": (flops + recompute) * tokens_per_s / peak if peak else None,
         "non_embedding_params": non_embedding,
+        "layers": shape["num_hidden_layers"],
+        "flops_per_token": flops,
+        "peak_flops": peak,
         "final_loss": float(out.loss.item()),
     }
     del engine, model, out
@@ -148,6 +154,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-activation-checkpointing", action="store_true")
+    parser.add_argument("--modes", default="ar,arra", help="comma list of ar (align.weight=0) and arra, run in order")
     parser.add_argument("--ds_config", default="ds_configs/zero3.json")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -155,8 +162,12 @@ def main() -> int:
 
     init_distributed()
     ds_template = load_ds_config(args.ds_config)
-    results = [measure(mode, args, ds_template) for mode in ("ar", "arra")]
-    ratio = results[1]["step_ms"] / results[0]["step_ms"]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"ar", "arra"}:
+        parser.error(f"--modes takes ar and/or arra, got {args.modes!r}")
+    results = [measure(mode, args, ds_template) for mode in modes]
+    by_mode = {r["mode"]: r for r in results}
+    ratio = by_mode["arra"]["step_ms"] / by_mode["ar"]["step_ms"] if {"ar", "arra"} <= set(by_mode) else None
     if dist.is_rank0():
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         print(f"\n{args.shape} x {args.layers or SHAPES[args.shape]['num_hidden_layers']} layers, seq {args.seq_len}, "
@@ -168,7 +179,8 @@ def main() -> int:
             print(f"{r['mode']:6} {r['tokens_per_s_per_rank']:11.1f} {r['step_ms']:9.1f} {r['forward_ms']:8.1f} "
                   f"{r['backward_ms']:8.1f} {r['optimizer_ms']:8.1f} {fmt(r['peak_mem_gib'], '9.2f'):>9} "
                   f"{fmt(r['mfu'], '6.1%'):>6} {fmt(r['hfu'], '6.1%'):>6}")
-        print(f"ARRA / AR step time: {ratio:.3f} (alignment term costs {100 * (ratio - 1):.1f}% of the AR step)")
+        if ratio is not None:
+            print(f"ARRA / AR step time: {ratio:.3f} (alignment term costs {100 * (ratio - 1):.1f}% of the AR step)")
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "device": device, "results": results,
                                                   "arra_over_ar_step_time": ratio}, indent=2))

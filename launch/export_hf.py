@@ -15,6 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from arra_ds import warnings as known_warnings  # noqa: E402
+
+known_warnings.install()  # before the imports below: DeepSpeed logs while it is imported
+
 from arra_ds.cli import parse_args, run_launcher  # noqa: E402
 from arra_ds.distributed import DTYPES  # noqa: E402
 from arra_ds.train.export import export_hf  # noqa: E402

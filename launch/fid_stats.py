@@ -14,6 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from arra_ds import warnings as known_warnings  # noqa: E402
+
+known_warnings.install()  # before the imports below: DeepSpeed logs while it is imported
+
 from arra_ds.cli import launcher_parser, parse_args, run_launcher  # noqa: E402
 from arra_ds.config import load_dataclass_config  # noqa: E402
 from arra_ds.eval.reference import ReferenceStatsConfig, write_reference_stats  # noqa: E402

@@ -4,14 +4,19 @@
     torchrun --nproc_per_node=4 launch/generate.py model=... prompts=prompts.txt samples_per_prompt=4 ...
 
 Keys are the fields of GenerateConfig (listed below; sampling.* for the sampler). Options and
-key=value overrides go in any order. Re-running with the same output_dir only generates the missing
-images.
+key=value overrides go in any order. The VQGAN files and the image size default to the run's data
+record (arra_data.json, also in an export): a demo run needs only model= and a prompt. Re-running
+with the same output_dir only generates the missing images (and those made with other settings).
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from arra_ds import warnings as known_warnings  # noqa: E402
+
+known_warnings.install()  # before the imports below: DeepSpeed logs while it is imported
 
 from arra_ds.cli import launcher_parser, parse_args, run_launcher  # noqa: E402
 from arra_ds.config import load_dataclass_config  # noqa: E402

@@ -6,7 +6,8 @@
         encoders=[biomedclip=/models/BiomedCLIP,medsam=/models/medsam-vit-base] \
         image.target_size=512 image.crop=square num_procs=8 num_workers=8
 
-Keys are the fields of PretokenizeConfig (listed below); --config takes them from a YAML file.
+Keys are the fields of PretokenizeConfig (listed below); --config takes them from a YAML file
+(configs/pretokenize_arra512.yaml: the 7B recipes' square 512 x 512 centre crop).
 Rerun the same command to resume. With an external launcher (slurm), pass rank= and world_size= per
 process, then run once more without them to merge the index and write the report.
 """
@@ -15,6 +16,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from arra_ds import warnings as known_warnings  # noqa: E402
+
+known_warnings.install()  # before the imports below: DeepSpeed logs while it is imported
 
 from arra_ds.cli import launcher_parser, parse_args, run_launcher  # noqa: E402
 from arra_ds.config import load_dataclass_config  # noqa: E402

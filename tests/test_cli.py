@@ -1,5 +1,6 @@
 """What every launcher does around its work: options in any order, user errors as one line, bugs with a traceback."""
 
+import socket
 import subprocess
 import sys
 
@@ -59,6 +60,8 @@ def test_help_lists_the_config_keys():
     ("launch/generate.py", ["--prompt", "a red circle", "sampling.guidance=3", "model=nowhere"], "sampling.guidance"),
     ("launch/pretokenize.py", ["input=nowhere.json", "out_dir=out"], "input="),
     ("launch/train.py", ["align.layr=2"], "align.layr"),
+    ("launch/pretokenize_imagefolder.py", ["input=nowhere", "out_dir=out"], "input="),
+    ("launch/eval_c2i.py", ["model=nowhere.pt", "sampling.cfg_scale=0.5", "vq_ckpt=nowhere.pt"], "vq_ckpt="),
 ])
 def test_launchers_print_a_user_error_as_one_line(script, args, where, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=tmp_path, env=subprocess_env(),
@@ -66,4 +69,35 @@ def test_launchers_print_a_user_error_as_one_line(script, args, where, tmp_path)
     assert proc.returncode == BAD_INPUT_EXIT_CODE, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and where in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_without_a_launcher_runs_as_one_rank(tmp_path):
+    """python launch/train.py (no deepspeed / torchrun): a process group of one on a free port."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "launch" / "train.py"), "--ds_config", "ds_configs/zero3.json",
+         f"output_dir={run}", "train.max_steps=2", "demo.num_samples=32", "demo.num_heldout=4", "train.progress_bar=false"],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "done: 2/2 steps" in proc.stdout
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert (run / "samples.png").is_file()  # the in-training grid also runs at the last step
+
+
+@pytest.mark.slow
+def test_a_taken_port_is_one_line_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "launch" / "train.py"), f"output_dir={tmp_path}"],
+            cwd=REPO_ROOT, env=subprocess_env(MASTER_PORT=port), capture_output=True, text=True, timeout=600,
+        )
+    assert proc.returncode == BAD_INPUT_EXIT_CODE, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"port {port}" in errors[0] and "--master_port" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -1,8 +1,10 @@
 import json
 
 import pytest
+import torch
 import yaml
 
+from arra_ds import distributed
 from arra_ds.errors import ConfigError
 from arra_ds.train.run_config import load_run_config, RunConfig
 from arra_ds.config import save_config, to_dict
@@ -166,3 +168,20 @@ def test_bare_run_config_asks_for_data():
     cfg.data.path = "demo"
     cfg.align.encoder = "demo"
     cfg.validate()
+
+
+def test_bf16_master_weights_key_sets_deepspeeds_bf16_master_and_optimizer_states(monkeypatch):
+    monkeypatch.setattr(distributed, "device", lambda: torch.device("cuda"))  # bf16 is refused on the CPU
+    cfg = load_run_config(None, ["train.precision=bf16"])
+    default = fill_ds_config(_ds(), cfg.train, cfg.optim, world_size=1, hidden_size=64)["bf16"]
+    assert default == {"enabled": True}  # fp32 master weights and AdamW states: DeepSpeed's bf16 default
+    cfg = load_run_config(None, ["train.precision=bf16", "optim.master_weights=bf16"])
+    bf16 = fill_ds_config(_ds(), cfg.train, cfg.optim, world_size=1, hidden_size=64)["bf16"]
+    assert bf16 == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    ds = _ds()
+    ds["bf16"]["bf16_optimizer_states"] = False
+    with pytest.raises(DSConfigError, match="bf16_optimizer_states=False contradicts.*optim.master_weights"):
+        fill_ds_config(ds, cfg.train, cfg.optim, world_size=1, hidden_size=64)
+    cfg = load_run_config(None, ["train.precision=fp32", "optim.master_weights=bf16"])
+    with pytest.raises(DSConfigError, match="needs train.precision=bf16"):
+        fill_ds_config(_ds(), cfg.train, cfg.optim, world_size=1, hidden_size=64)

@@ -9,14 +9,21 @@ from streaming import StreamingDataset
 from arra_ds.errors import ConfigError
 from arra_ds.train.run_config import load_run_config
 from arra_ds.demo.config import DemoDataConfig
-from arra_ds.demo.dataset import check_captions_in_vocabulary, demo_dir, load_demo_vqgan, write_demo_dataset
+from arra_ds.demo.dataset import (
+    check_captions_in_vocabulary,
+    demo_dir,
+    demo_heldout_dir,
+    demo_models,
+    load_demo_vqgan,
+    write_demo_dataset,
+)
 from arra_ds.demo.scenes import BACKGROUNDS, MAX_CAPTION_WORDS, draw_scene, random_scene
 from arra_ds.data.images import pil_to_pixels
 from arra_ds.data.schema import check_columns
 from arra_ds.tokens.layout import tokens_to_image
 from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
 
-SMALL = DemoDataConfig(num_samples=48, code_size=8, feature_dim=8, num_image_codes=64, samples_per_shard=16)
+SMALL = DemoDataConfig(num_samples=48, code_size=8, feature_dim=8, num_image_codes=64, samples_per_shard=16, num_heldout=6)
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +95,36 @@ def test_run_config_cross_checks():
     with pytest.raises(ConfigError, match="code_size=5 must be even"):
         load_run_config(None, ["demo.code_size=5"])
     load_run_config(None, ["align.weight=0", "align.encoder=none"])  # no alignment: the encoder is not used
+
+
+def test_heldout_split_has_new_captions_through_the_same_pipeline(small_demo):
+    """Held-out scenes: captions that no training scene has, pre-tokenised with the same models, so
+    evaluation gets exact prompt ids and real VQ codes."""
+    train = StreamingDataset(local=str(small_demo), shuffle=False, batch_size=1)
+    heldout_dir = demo_heldout_dir(small_demo)
+    assert check_columns(heldout_dir, "feat_demo")["feat_demo"] == "ndarray:float16"
+    heldout = StreamingDataset(local=str(heldout_dir), shuffle=False, batch_size=1)
+    train_captions = {train[i]["caption"] for i in range(len(train))}
+    heldout_samples = [heldout[i] for i in range(len(heldout))]
+    captions = [s["caption"] for s in heldout_samples]
+    assert len(captions) == SMALL.num_heldout == len(set(captions))
+    assert not set(captions) & train_captions
+    vocab = ChameleonVocab(build_debug_tokenizer(num_image_codes=SMALL.num_image_codes).get_vocab(with_added_tokens=True))
+    vq = load_demo_vqgan(small_demo)
+    for sample in heldout_samples:
+        tokens, prompt_len = sample["tokens"].tolist(), int(sample["prompt_len"])
+        codes = tokens_to_image(tokens[prompt_len:-1], vocab)
+        assert codes.shape == (SMALL.code_size, SMALL.code_size) and int(codes.max()) < vq.num_codes
+        assert sample["feat_demo"].shape == (SMALL.feature_dim,)
+
+
+def test_demo_encoder_scores_demo_captions_without_truncation(small_demo):
+    from arra_ds.eval.clip_score import build_clip_scorer
+
+    scorer = build_clip_scorer(f"local-dir:{demo_models(small_demo).encoders[0].path}")
+    rng = np.random.default_rng(0)
+    captions = [random_scene(rng)[2] for _ in range(200)]
+    assert not any(scorer.truncated(captions))
+    images = torch.zeros((2, 3, 128, 128), dtype=torch.uint8)
+    scores = scorer.scores(images, captions[:2])
+    assert scores.shape == (2,) and np.isfinite(scores).all()

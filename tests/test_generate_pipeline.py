@@ -2,6 +2,7 @@
 
 import json
 import runpy
+import shutil
 import sys
 
 import numpy as np
@@ -142,3 +143,28 @@ def test_launchers_answer_bad_config_with_one_line_and_exit_2(tmp_path, capsys, 
         assert f"config file {broken} is not valid YAML" in capsys.readouterr().err
         assert run_launcher(script, ["--config", str(tmp_path / "missing.yaml")]) == 2
         assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_generate_from_a_model_with_a_data_record_needs_only_a_prompt(tmp_path, assets, capsys):
+    """A model that carries its run's data record (an export does): no VQGAN keys, the trained size,
+    key=value overrides after --prompt, and a wrong key is one line naming it."""
+    from dataclasses import asdict
+
+    from arra_ds.checkpoints import RUN_DATA_FILE, RunData
+    from arra_ds.generate.sampling import seed_for_sample
+
+    model = tmp_path / "model"
+    shutil.copytree(assets["model"], model)
+    yaml_path, ckpt_path = assets["vqgan"]
+    record = RunData(code_height=2, code_width=4, vqgan_config=str(yaml_path), vqgan_checkpoint=str(ckpt_path))
+    (model / RUN_DATA_FILE).write_text(json.dumps(asdict(record)))
+    out = tmp_path / "out"
+    args = [f"model={model}", "--prompt", "a red circle", f"output_dir={out}", "sampling.seed=3", "progress_bar=false"]
+    assert run_launcher("generate.py", args) == 0
+    assert Image.open(out / "images" / "000000.png").size == (64, 32)  # 2 x 4 codes of 16 px
+    manifest = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert manifest[0]["seed"] == seed_for_sample(3, 0)
+    assert "warning" not in capsys.readouterr().err
+    assert run_launcher("generate.py", [*args, "sampling.seed_=4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown config key 'sampling.seed_'")

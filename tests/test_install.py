@@ -9,7 +9,8 @@ import pytest
 
 from conftest import REPO_ROOT, subprocess_env
 
-LAUNCHERS = ["train.py", "generate.py", "eval.py", "fid_stats.py", "pretokenize.py", "export_hf.py"]
+LAUNCHERS = ["train.py", "generate.py", "eval.py", "fid_stats.py", "pretokenize.py", "export_hf.py",
+             "pretokenize_imagefolder.py", "eval_c2i.py"]
 
 
 def _extras_modules() -> list[str]:

@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "arra_ds"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("arra_ds", "arra_ds.errors", "arra_ds.config", "arra_ds.distributed", "arra_ds.io", "arra_ds.cli"),
+    ("arra_ds", "arra_ds.errors", "arra_ds.warnings", "arra_ds.config", "arra_ds.distributed", "arra_ds.io", "arra_ds.cli"),
     ("arra_ds.tokens",),
     ("arra_ds.kernels",),
     ("arra_ds.model",),

@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 from streaming import StreamingDataset
 
+from arra_ds.config import load_dataclass_config
 from arra_ds.errors import ConfigError
 from arra_ds.data.features import EncoderSpec, build_tiny_open_clip_dir, build_tiny_sam_dir
 from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor
 from arra_ds.data.pretokenize import PretokenizeConfig, PretokenizeError, run_pretokenize
 from arra_ds.data.pretokenize.writer import PartWriter
 from arra_ds.data.schema import check_columns
-from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, tokens_to_image
+from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, ImageGrid, image_grid_of_sample, tokens_to_image
 from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
 from arra_ds.tokens.vqgan import VQGAN, VQGANConfig, fit_codebook
 from tests.conftest import REPO_ROOT, subprocess_env
@@ -213,3 +214,58 @@ def test_bad_settings_are_clear_errors(assets, tmp_path):
     build_debug_tokenizer(num_image_codes=NUM_CODES // 2).save(str(small))
     with pytest.raises(PretokenizeError, match="64 codes but .* only 32 image code tokens"):
         run_pretokenize(config(assets, tmp_path / "y", tokenizer=str(small)))
+
+
+# ---- the 7B recipes' pre-tokenization (configs/pretokenize_arra512.yaml) --------------------------
+
+RECIPE = REPO_ROOT / "configs" / "pretokenize_arra512.yaml"
+
+
+def recipe_config(assets, tmp_path, name, *overrides) -> PretokenizeConfig:
+    """The recipe file, with the tiny test models and a 64-px target (the tiny VQGAN's scale)."""
+    root = assets["root"]
+    if not (tmp_path / "recipe.json").is_file():
+        images = []
+        for index, (w, h) in enumerate([(150, 64), (64, 120)]):  # non-square, landscape and portrait
+            path = tmp_path / f"wide{index}.png"
+            Image.fromarray(np.random.default_rng(index).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+            images.append(item(f"a red circle number {index}", [str(path)]))
+        (tmp_path / "recipe.json").write_text(json.dumps(images))
+    return load_dataclass_config(PretokenizeConfig, RECIPE, [
+        f"input={tmp_path / 'recipe.json'}", f"out_dir={tmp_path / name}", f"tokenizer={root / 'text_tokenizer.json'}",
+        f"vqgan_yaml={root / 'vqgan.yaml'}", f"vqgan_ckpt={root / 'vqgan.ckpt'}", f"encoders=[biomedclip={assets['clip']}]",
+        "image.target_size=64", "min_image_size=32", "num_workers=0", "progress=false", *overrides,
+    ])  # fmt: skip
+
+
+def test_recipe_pretokenization_crops_non_square_images_to_the_square_grid(assets, tmp_path):
+    cfg = recipe_config(assets, tmp_path, "square")
+    assert cfg.image.crop == "square"
+    summary = run_pretokenize(cfg)
+    assert summary["written"] == 2
+    vocab, vq = assets["vocab"], assets["vq"]
+    lumina_crop = VQImagePreprocessor(ImagePreprocessConfig(target_size=64))  # the library default: var
+    for sample in read_samples(tmp_path / "square"):
+        tokens, prompt_len = sample["tokens"].tolist(), int(sample["prompt_len"])
+        assert image_grid_of_sample(tokens, vocab) == ImageGrid(4, 4)  # 64 x 64 px whatever the aspect
+        image = Image.open(sample["uid"])  # the uid of an item without one is its image path
+        assert lumina_crop.crop_size(image.size) != (64, 64)  # what the default would have written
+        pixels = VQImagePreprocessor(cfg.image)(image)
+        assert pixels.shape == (3, 64, 64)
+        assert torch.equal(tokens_to_image(tokens[prompt_len:-1], vocab), vq.encode(pixels[None])[0])
+
+
+def test_rep_token_opens_the_assistant_turn_and_changes_nothing_else(assets, tmp_path):
+    run_pretokenize(recipe_config(assets, tmp_path, "plain"))
+    run_pretokenize(recipe_config(assets, tmp_path, "rep", "rep_token=true"))
+    plain, rep = read_samples(tmp_path / "plain"), read_samples(tmp_path / "rep")
+    assert len(plain) == len(rep) == 2
+    vocab = assets["vocab"]
+    for a, b in zip(plain, rep):
+        prompt_len = int(a["prompt_len"])
+        assert int(b["prompt_len"]) == prompt_len  # <REP> belongs to the (supervised) assistant turn
+        tokens = b["tokens"].tolist()
+        assert tokens[prompt_len] == vocab.id("<reserved08795>") and tokens[prompt_len + 1] == vocab.image_start_id
+        assert tokens[:prompt_len] + tokens[prompt_len + 1 :] == a["tokens"].tolist()
+    with pytest.raises(PretokenizeError, match=r"\(rep_token changed\)"):  # a different layout never mixes in
+        run_pretokenize(recipe_config(assets, tmp_path, "rep"))

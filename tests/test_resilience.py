@@ -344,7 +344,7 @@ def test_export_loads_in_stock_transformers_with_the_trained_logits(reference, t
 
     exported, loading = ChameleonForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not loading["unexpected_keys"] and not loading["mismatched_keys"]
-    assert all(k.startswith("model.vqmodel.") for k in loading["missing_keys"])  # not trained, not exported
+    assert not loading["missing_keys"]  # the debug model's tiny vqmodel is exported too: nothing initialised
     assert "vocabulary_map" in json.loads((out / "config.json").read_text())
 
     cfg = load_run_config(reference / "config.yaml")

@@ -2,9 +2,11 @@
 
 The job runs 2 nodes x 1 CPU rank with the debug config; once it has logged step 3 the test sends
 Slurm's warning signal (scancel --signal=USR1, what --signal=USR1@120 does before the time limit).
-The ranks save a checkpoint and exit with the requeue code, the sbatch script requeues the job, and
-the second start resumes and finishes. The cluster comes from scripts/slurm_cluster.sh (started here
-and stopped afterwards unless it was already running).
+The ranks save a checkpoint and exit with the requeue code and the sbatch script requeues the job.
+node2 is drained before the signal and the pending requeued job is shrunk to one node, as on a cluster
+short of nodes (scontrol update NumNodes=1): the second start resumes the 2-rank checkpoint on 1 rank (elastic
+resume, the same sbatch script) and finishes. The cluster comes from scripts/slurm_cluster.sh (started
+here and stopped afterwards unless it was already running).
 """
 
 import json
@@ -32,6 +34,7 @@ CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "slurm_cluster.sh"
 STATE_DIR = Path(os.environ.get("ARRA_DS_SLURM_DIR", "/var/tmp/arra_ds_slurm"))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 MAX_STEPS = 8
+REQUEUE_SETTLE_S = 3  # seconds between the requeue and the release of the shrunk job
 STEPS_PER_EPOCH = 6  # 48 demo samples, 2 ranks x 4
 
 
@@ -64,10 +67,16 @@ def _job(job_id: str) -> dict:
 
 
 def _nodes_idle() -> bool:
+    """No node runs a job (drained nodes count as idle)."""
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=_slurm_env(), capture_output=True, text=True,
                          timeout=30).stdout
     states = dict(line.split() for line in out.splitlines() if line.strip())
-    return bool(states) and all(state == "idle" for state in states.values())
+    return bool(states) and all(state in ("idle", "drain") for state in states.values())
+
+
+def _set_node_state(node: str, state: str) -> None:
+    subprocess.run(["scontrol", "update", f"NodeName={node}", f"State={state}", "Reason=arra_ds_test"],
+                   env=_slurm_env(), check=True, timeout=30)
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
@@ -92,36 +101,51 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]
 
-    signalled = released = False
+    signalled = released = drained = False
+    requeued_at = None
     deadline = time.monotonic() + 1500
-    while time.monotonic() < deadline:
-        job = _job(job_id)
-        if job.get("JobState") in FINAL_STATES:
-            break
-        if not signalled and job.get("JobState") == "RUNNING" and 3 in _logged_steps(run_dir):
-            # the ranks' step (0), as --signal=USR1@120 does at the time limit (without "B:" Slurm
-            # signals the job's steps, not the batch shell)
-            subprocess.run(["scancel", "--signal=USR1", f"{job_id}.0"], env=_slurm_env(), check=True, timeout=30)
-            signalled = True
-        if signalled and not released and job.get("JobState") == "PENDING" and int(job.get("Restarts", 0)) > 0:
-            # Slurm holds a requeued job back for a while; start it now, once both nodes have finished
-            # the first run
-            if _nodes_idle():
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=_slurm_env(), timeout=30)
-                released = True
-        time.sleep(1)
+    try:
+        while time.monotonic() < deadline:
+            job = _job(job_id)
+            if job.get("JobState") in FINAL_STATES:
+                break
+            if not signalled and job.get("JobState") == "RUNNING" and 3 in _logged_steps(run_dir):
+                # no job may start on node2 any more (it finishes the running step first)
+                _set_node_state("node2", "DRAIN")
+                drained = True
+                # the ranks' step (0), as --signal=USR1@120 does at the time limit (without "B:" Slurm
+                # signals the job's steps, not the batch shell)
+                subprocess.run(["scancel", "--signal=USR1", f"{job_id}.0"], env=_slurm_env(), check=True, timeout=30)
+                signalled = True
+            if signalled and not released and job.get("JobState") == "PENDING" and int(job.get("Restarts", 0)) > 0:
+                # once both nodes have finished the first run: the job comes back on node1 alone, and
+                # now (Slurm would hold a requeued job back for a while). Not within the requeue's own
+                # seconds: slurmd revokes the job's credential at the requeue (second resolution) and
+                # refuses a start whose credential is not newer ("Job credential revoked", job FAILED).
+                requeued_at = requeued_at or time.monotonic()
+                if time.monotonic() - requeued_at >= REQUEUE_SETTLE_S and _nodes_idle():
+                    for change in (["NumNodes=1", "NumTasks=1", "NumCPUs=1"], ["StartTime=now"]):
+                        subprocess.run(["scontrol", "update", f"JobId={job_id}", *change], env=_slurm_env(), check=True,
+                                       timeout=30)
+                    released = True
+            time.sleep(1)
+    finally:
+        if drained:
+            _set_node_state("node2", "RESUME")
     log = next(work.glob("slurm-*.out")).read_text()
     job = _job(job_id)
     assert job.get("JobState") == "COMPLETED", f"{job}\n{log[-6000:]}"
 
-    # two starts on both nodes, the first preempted and requeued by the sbatch script
+    # two starts, the first on both nodes, preempted and requeued by the sbatch script, the second on one
     assert job["Restarts"] == "1" and job["ExitCode"] == "0:0"
-    assert "start 0: 2 nodes (node1 node2) x 1 ranks" in log and "start 1: 2 nodes (node1 node2) x 1 ranks" in log
+    assert "start 0: 2 nodes (node1 node2) x 1 ranks" in log and "start 1: 1 nodes (node1) x 1 ranks" in log
     assert "received SIGUSR1" in log and f"job {job_id} preempted: checkpoint written, requeueing" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == MAX_STEPS and not summary["preempted"]
     assert 3 <= summary["resumed_from_step"] < MAX_STEPS
-    assert f"resumed from {run_dir / 'checkpoints' / checkpoints.tag_for(summary['resumed_from_step'])}" in log
+    resumed_from = run_dir / "checkpoints" / checkpoints.tag_for(summary["resumed_from_step"])
+    assert f"resumed from {resumed_from}" in log and "on 1 rank(s), written by 2" in log
+    assert checkpoints.verify(resumed_from / checkpoints.UNIVERSAL_DIR)["world_size"] == 2  # converted once
 
     # the run reads like an uninterrupted one: every step logged once, every sample once per epoch
     assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))
@@ -131,5 +155,8 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
                    for uid in line["uids"]]
     assert len(first_epoch) == len(set(first_epoch)) == 48  # all 48 demo samples, none twice
     assert checkpoints.read_latest(run_dir / "checkpoints") == checkpoints.tag_for(MAX_STEPS)
-    assert checkpoints.verify(run_dir / "checkpoints" / checkpoints.tag_for(MAX_STEPS))["world_size"] == 2
+    assert checkpoints.verify(run_dir / "checkpoints" / checkpoints.tag_for(MAX_STEPS))["world_size"] == 1
+    # the global batch of the first start (micro batch 4 x 2 ranks) is kept on 1 rank
+    assert [json.loads(line)["samples_seen"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
+        8 * step for step in range(1, MAX_STEPS + 1)]
     shutil.rmtree(work, ignore_errors=True)

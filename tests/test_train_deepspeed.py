@@ -80,3 +80,22 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path):
     proc = run_deepspeed(1, tmp_path / "nan", "train.max_steps=5", "optim.lr=1e30", "optim.warmup_steps=0", check=False)
     assert proc.returncode != 0
     assert "non-finite loss at step" in proc.stderr + proc.stdout
+
+
+def test_residual_dropout_under_zero3_replays_its_masks_in_checkpointed_recompute(tmp_path):
+    """Residual dropout (forward hooks) under ZeRO-3's own module hooks: with activation checkpointing
+    the recompute in backward must use the forward's masks, so the run equals the one without
+    checkpointing. The recipes' other keys ride along: warm-up in epochs, weight decay on every parameter."""
+    common = ["train.max_steps=5", "train.save_every=100", "model.residual_dropout=0.1", "optim.decay_params=all",
+              "optim.warmup_steps=0", "optim.warmup_epochs=0.25", "optim.schedule=constant"]  # fmt: skip
+    proc = run_deepspeed(2, tmp_path / "ckpt", *common)
+    assert "optim.warmup_epochs=0.25: 4 warm-up steps (128 samples / global batch 8 = 16 steps per epoch)" in proc.stdout
+    run_deepspeed(2, tmp_path / "plain", *common, "model.activation_checkpointing=false")
+    ckpt, plain = metrics(tmp_path / "ckpt"), metrics(tmp_path / "plain")
+    assert [r["lr"] for r in ckpt] == pytest.approx([r["lr"] for r in plain])
+    assert ckpt[3]["lr"] == pytest.approx(ckpt[4]["lr"]) and ckpt[2]["lr"] < ckpt[3]["lr"]  # 4 warm-up steps
+    for a, b in zip(ckpt, plain):
+        for key in ("loss", "loss_ar", "loss_gva", "cos", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+    run_deepspeed(2, tmp_path / "off", *common, "model.residual_dropout=0", "train.max_steps=1")
+    assert metrics(tmp_path / "off")[0]["loss"] != pytest.approx(ckpt[0]["loss"], rel=1e-4)  # the hooks fired under ZeRO-3

@@ -93,5 +93,17 @@ def test_checkpoint_generates_the_in_training_images(trained, tmp_path, monkeypa
 
 
 def test_eval_every_needs_a_decoder(tmp_path):
-    with pytest.raises(ConfigError, match="eval.vqgan_config"):
-        load_run_config(None, ["train.eval_every=10", f"output_dir={tmp_path}"])
+    """The decoder is the data's own VQGAN (the demo's, or pretokenize_meta.json's); explicit files
+    must come in pairs and exist, and data that names none gets the keys to pass."""
+    from arra_ds.checkpoints import RunData
+    from arra_ds.eval.train_eval import TrainEvalConfig, TrainEvaluator, build_train_evaluator
+
+    load_run_config(None, ["train.eval_every=10", f"output_dir={tmp_path}"])  # the demo data names its VQGAN
+    with pytest.raises(ConfigError, match="go together"):
+        load_run_config(None, ["train.eval_every=10", "eval.vqgan_config=x.yaml"])
+    with pytest.raises(ConfigError, match="eval.vqgan_config=x.yaml does not exist"):
+        load_run_config(None, ["train.eval_every=10", "eval.vqgan_config=x.yaml", "eval.vqgan_checkpoint=x.ckpt"])
+    with pytest.raises(ConfigError, match="pass eval.vqgan_config=<vqgan.yaml> eval.vqgan_checkpoint=<vqgan.ckpt>"):
+        TrainEvaluator(TrainEvalConfig(), None, None, tmp_path, torch.device("cpu"), source="", data=RunData())
+    # the trainer builds none then (the embedded config's eval_every on data of unknown origin) and says why
+    assert build_train_evaluator(TrainEvalConfig(), None, None, tmp_path, torch.device("cpu"), "", RunData()) is None

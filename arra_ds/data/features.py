@@ -82,6 +82,8 @@ PRESETS: dict[str, EncoderSpec] = {
         "biomedclip", "open_clip", model="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
     ),
     "clip": EncoderSpec("clip", "open_clip", model="ViT-L-14", pretrained="openai"),  # CLIP-L, 768-d
+    # CLIP ViT-B/16, 512-d: the width of ARRA-Base's CLIP target (paper appendix 6)
+    "clip_b16": EncoderSpec("clip_b16", "open_clip", model="ViT-B-16", pretrained="openai"),
     "medsam": EncoderSpec("medsam", "sam", model="flaviagiammarino/medsam-vit-base", aggregation="avgpool"),  # 256-d
     "sam": EncoderSpec("sam", "sam", model="facebook/sam-vit-base", aggregation="avgpool"),  # 256-d
 }
@@ -333,11 +335,14 @@ def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu", dtype: t
 
 
 def build_tiny_open_clip_dir(out_dir: str | Path, seed: int = 0, image_size: int = 32, embed_dim: int = 32,
-                             width: int = 32, layers: int = 2, patch_size: int = 8, timm_model_name: str = "") -> Path:
+                             width: int = 32, layers: int = 2, patch_size: int = 8, timm_model_name: str = "",
+                             text_context_length: int = 8, text_vocab_size: int = 64) -> Path:
     """A random open_clip CLIP saved as open_clip_config.json + safetensors (open_clip's HF layout).
 
     The image tower is open_clip's own ViT, or with ``timm_model_name`` a timm trunk + linear
-    projection as in BiomedCLIP's config (timm_pool "", timm_proj "linear").
+    projection as in BiomedCLIP's config (timm_pool "", timm_proj "linear"). The text tower is tiny;
+    for ``encode_text`` with open_clip's tokenizer (CLIP-Score) give it the tokenizer's vocabulary
+    size. The image tower is built first, so the text settings do not change its weights.
     """
     # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
     import open_clip
@@ -352,7 +357,8 @@ def build_tiny_open_clip_dir(out_dir: str | Path, seed: int = 0, image_size: int
     model_cfg = {
         "embed_dim": embed_dim,
         "vision_cfg": vision_cfg,
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+        "text_cfg": {"context_length": text_context_length, "vocab_size": text_vocab_size, "width": 32, "heads": 2,
+                     "layers": 1},
     }
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)

@@ -19,7 +19,7 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
 from arra_ds import distributed
-from arra_ds.data.schema import SchemaError, check_columns
+from arra_ds.data.schema import CLASS_COLUMN, SchemaError, check_columns
 from arra_ds.data.shards import check_shards
 from arra_ds.data.shm import clean_stale_streaming_shm
 from arra_ds.errors import ConfigError
@@ -39,7 +39,9 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     pad_to_multiple_of: int = 8  # pad T to a multiple of this (tensor-core friendly)
-    num_canonical_nodes: int = 0  # 0 = streaming's default; keep fixed across resumes
+    # with the seed, fixes the global sample order for any number of ranks and nodes; the run config
+    # records the value in use
+    num_canonical_nodes: int = 0  # 0 = nodes of the first start (streaming's default); a resume keeps the checkpoint's
 
     @property
     def is_demo(self) -> bool:
@@ -84,6 +86,28 @@ def remove_stale_shared_memory() -> None:
     distributed.barrier()
 
 
+def physical_nodes() -> int:
+    """Nodes of this run as streaming counts them (ranks / ranks per node)."""
+    ensure_streaming_env()
+    world = distributed.world_size()
+    return max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def resolve_canonical_nodes(cfg: DataConfig, loader_state: dict | None) -> int:
+    """The canonical node count for this start: the resumed checkpoint's (it fixed the sample order so
+    far), else ``data.num_canonical_nodes``, else this run's node count (streaming's own default)."""
+    saved = (loader_state or {}).get("num_canonical_nodes")
+    if saved:
+        if cfg.num_canonical_nodes and cfg.num_canonical_nodes != saved:
+            raise ConfigError(
+                f"data.num_canonical_nodes={cfg.num_canonical_nodes}, but the checkpoint's sample order was built with "
+                f"{saved} canonical nodes and a resumed run must keep it (else samples repeat or go missing in this "
+                f"epoch); drop the override or set data.num_canonical_nodes={saved}"
+            )
+        return int(saved)
+    return cfg.num_canonical_nodes or physical_nodes()
+
+
 def streaming_location(cfg: DataConfig, resolved_path: str) -> tuple[str | None, str]:
     """(remote, local) arguments of StreamingDataset for a resolved data path."""
     if cfg.is_remote:
@@ -92,7 +116,8 @@ def streaming_location(cfg: DataConfig, resolved_path: str) -> tuple[str | None,
 
 
 class SampleConverter:
-    """One raw MDS sample -> {input_ids [T], labels [T], target_features [D], uid} tensors.
+    """One raw MDS sample -> {input_ids [T], labels [T], target_features [D], uid} tensors, plus
+    ``class_id`` (a scalar) for class-to-image samples (``class_conditional``).
 
     With ``overlong="skip"`` an over-long sample is marked ``skipped="overlong"`` (its tensors cut to
     ``max_seq_len``, kept only as a possible filler row): the ``Collator`` leaves it out of the batch and
@@ -100,11 +125,14 @@ class SampleConverter:
     other ranks are unaffected.
     """
 
-    def __init__(self, feature_column: str | None, max_seq_len: int, overlong: str, feature_dim: int = 0):
+    def __init__(
+        self, feature_column: str | None, max_seq_len: int, overlong: str, feature_dim: int = 0, class_conditional: bool = False
+    ):
         self.feature_column = feature_column
         self.max_seq_len = max_seq_len
         self.overlong = overlong
         self.feature_dim = feature_dim  # D every feature must have; 0 = not known yet (set by the trainer)
+        self.class_conditional = class_conditional
 
     def _features(self, sample: dict, uid: str) -> torch.Tensor:
         feature = np.asarray(sample[self.feature_column], dtype=np.float32)
@@ -127,6 +155,13 @@ class SampleConverter:
         item: dict = {"uid": uid}
         if self.feature_column is not None:
             item["target_features"] = self._features(sample, uid)
+        if self.class_conditional:
+            if sample.get(CLASS_COLUMN) is None:
+                raise SchemaError(
+                    f"sample {uid!r} has no '{CLASS_COLUMN}': the data set is not class-to-image; write it with "
+                    "launch/pretokenize_imagefolder.py"
+                )
+            item["class_id"] = torch.tensor(int(sample[CLASS_COLUMN]), dtype=torch.long)
         if len(tokens) > self.max_seq_len:
             if self.overlong == "error":
                 raise SchemaError(
@@ -205,6 +240,8 @@ class Collator:
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "meta": meta}
         if "target_features" in rows[0]:
             out["target_features"] = torch.stack([it["target_features"] for it in rows])  # [B, D]
+        if "class_id" in rows[0]:
+            out["class_ids"] = torch.stack([it["class_id"] for it in rows])  # [B]
         return out
 
 
@@ -214,10 +251,13 @@ def ensure_streaming_env() -> None:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
 
 
-def build_dataset(cfg: DataConfig, micro_batch_size: int, seed: int, feature_column: str | None, remote, local):
+def build_dataset(
+    cfg: DataConfig, micro_batch_size: int, seed: int, feature_column: str | None, remote, local, class_conditional: bool = False
+):
+    """The training data set; ``class_conditional``: class-to-image samples (the backbone draws for class labels)."""
     ensure_streaming_env()
     if remote is None:
-        check_columns(local, feature_column)
+        check_columns(local, feature_column, class_conditional)
         check_shards(local)
     kwargs = dict(
         remote=remote,
@@ -225,7 +265,7 @@ def build_dataset(cfg: DataConfig, micro_batch_size: int, seed: int, feature_col
         batch_size=micro_batch_size,
         shuffle=cfg.shuffle,
         shuffle_seed=seed,
-        converter=SampleConverter(feature_column, cfg.max_seq_len, cfg.overlong),
+        converter=SampleConverter(feature_column, cfg.max_seq_len, cfg.overlong, class_conditional=class_conditional),
     )
     if cfg.num_canonical_nodes:
         kwargs["num_canonical_nodes"] = cfg.num_canonical_nodes
@@ -244,10 +284,12 @@ def build_dataloader(dataset, cfg: DataConfig, micro_batch_size: int, pad_id: in
     # A private generator: torch's DataLoader draws a base seed from it for every new iterator (every
     # epoch). Drawn from the global RNG instead, a resumed run's dropout stream would diverge from the
     # uninterrupted run's.
+    # Class-to-image samples all hold one image's codes, a fixed count: padding them would only add positions.
+    pad_to_multiple_of = 1 if dataset.converter.class_conditional else cfg.pad_to_multiple_of
     return ARRAStreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,
-        collate_fn=Collator(pad_id, cfg.pad_to_multiple_of),
+        collate_fn=Collator(pad_id, pad_to_multiple_of),
         num_workers=cfg.num_workers,
         drop_last=True,
         persistent_workers=False,

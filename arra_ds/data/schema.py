@@ -1,6 +1,6 @@
 """The MDS (MosaicML streaming) schema of a pre-tokenised ARRA data set.
 
-One sample = one (prompt, image) pair:
+Text-to-image samples (Chameleon, Lumina-mGPT): one sample = one (prompt, image) pair:
 
     tokens          ndarray:int32    whole sequence: prompt + image + end of turn
     prompt_len      int32            leading tokens excluded from the loss (labels -100)
@@ -8,8 +8,16 @@ One sample = one (prompt, image) pair:
     caption         str              the prompt text (eval, CLIP-Score)
     uid             str              stable id of the source image
 
-Writers (pre-tokenization, demo data) and the loader both use these names, so a data set written by
-one version is read by the next.
+Class-to-image samples (LlamaGen, ARRA-Base): one sample = one (class, image crop) pair, the same
+columns plus the class label; the sequence is the image alone:
+
+    tokens          ndarray:int32    the crop's VQ codes in raster order (LlamaGen VQ-16: 256 at 256 px)
+    prompt_len      int32            0 (every code is predicted; the model adds the class token itself)
+    class_id        int32            the class index (0 .. num_classes - 1)
+    caption         str              the class name
+
+A data set is class-to-image exactly when it has the ``class_id`` column. Writers (pre-tokenization,
+demo data) and the loader both use these names, so a data set written by one version is read by the next.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ BASE_COLUMNS: dict[str, str] = {
     "caption": "str",
     "uid": "str",
 }
+CLASS_COLUMN = "class_id"
+CLASS_ENCODING = "int32"
 FEATURE_PREFIX = "feat_"
 FEATURE_ENCODING = "ndarray:float16"
 UNSAFE_ENCODINGS = ("pkl",)  # MDS encodings that unpickle on read
@@ -38,9 +48,12 @@ def feature_column(encoder: str) -> str:
     return f"{FEATURE_PREFIX}{encoder}"
 
 
-def columns_for(encoders: list[str]) -> dict[str, str]:
-    """The ``columns`` argument of ``MDSWriter`` for a data set carrying these encoders' features."""
+def columns_for(encoders: list[str], class_conditional: bool = False) -> dict[str, str]:
+    """The ``columns`` argument of ``MDSWriter`` for a data set carrying these encoders' features
+    (with ``class_conditional``: class-to-image samples, which add ``class_id``)."""
     columns = dict(BASE_COLUMNS)
+    if class_conditional:
+        columns[CLASS_COLUMN] = CLASS_ENCODING
     for name in encoders:
         columns[feature_column(name)] = FEATURE_ENCODING
     return columns
@@ -68,9 +81,25 @@ def read_index_columns(local_dir: str | Path) -> dict[str, str]:
     return columns or {}
 
 
-def check_columns(local_dir: str | Path, feature: str | None) -> dict[str, str]:
-    """Raise a SchemaError naming what is missing; return the columns."""
+def check_columns(local_dir: str | Path, feature: str | None, class_conditional: bool = False) -> dict[str, str]:
+    """Raise a SchemaError naming what is missing (or a data set of the other kind than
+    ``class_conditional`` asks for); return the columns."""
     columns = read_index_columns(local_dir)
+    if class_conditional and CLASS_COLUMN not in columns:
+        raise SchemaError(
+            f"MDS data set {local_dir} has no '{CLASS_COLUMN}' column: it holds text-to-image samples, but a "
+            "class-conditional backbone (model.source=llamagen) trains on class-to-image samples; write them with "
+            "launch/pretokenize_imagefolder.py"
+        )
+    if not class_conditional and CLASS_COLUMN in columns:
+        raise SchemaError(
+            f"MDS data set {local_dir} holds class-to-image samples (a '{CLASS_COLUMN}' column, LlamaGen VQ codes); "
+            "a text-conditional backbone cannot train on them: use model.source=llamagen, or text-to-image data"
+        )
+    if class_conditional and columns[CLASS_COLUMN] != CLASS_ENCODING:
+        raise SchemaError(
+            f"MDS data set {local_dir}: column '{CLASS_COLUMN}' is {columns[CLASS_COLUMN]}, expected {CLASS_ENCODING}"
+        )
     unsafe = sorted(name for name, encoding in columns.items() if encoding in UNSAFE_ENCODINGS)
     if unsafe:
         # The MDS reader decodes every column of a sample, so a pickle column would run arbitrary code.

@@ -11,7 +11,7 @@ from arra_ds.model.backbone import ModelConfig
 from arra_ds.tokens.layout import CODE_PATCH_PX, GRID_CELL_PX, ImageGrid
 from arra_ds.tokens.vocab import DEBUG_MAX_GRID
 
-DEMO_VERSION = 5  # part of the cache key: bump when the drawn data or the models change
+DEMO_VERSION = 6  # part of the cache key: bump when the drawn data or the models change
 DEMO_ENCODER = "demo"  # the feature column feat_demo: a tiny open_clip ViT's [CLS] embedding
 
 
@@ -22,6 +22,7 @@ class DemoDataConfig:
     feature_dim: int = 32  # width of feat_demo (the tiny open_clip encoder's embedding)
     num_image_codes: int = 256  # VQ codebook size; must equal model.debug.num_image_codes
     samples_per_shard: int = 128
+    num_heldout: int = 64  # held-out scenes (captions not in the training split) for evaluation; 0 = none
 
     @property
     def image_size(self) -> int:
@@ -37,6 +38,8 @@ class DemoDataConfig:
             raise ConfigError(f"demo.num_image_codes={self.num_image_codes} must be >= 2")
         if min(self.num_samples, self.feature_dim, self.samples_per_shard) < 1:
             raise ConfigError("demo.num_samples, feature_dim and samples_per_shard must be >= 1")
+        if self.num_heldout < 0:
+            raise ConfigError(f"demo.num_heldout={self.num_heldout} must be >= 0 (0 = no held-out split)")
 
     def max_sequence_length(self) -> int:
         """Tokens of the longest demo sample: <s> caption <eot> image <eot>."""

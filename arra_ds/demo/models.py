@@ -37,6 +37,11 @@ DEMO_PAIR_SCALE = 1e-5
 DEMO_SILU_SLOPE, DEMO_SILU_SHIFT = 0.1, 3.0
 READOUT_FIT_IMAGES = 4  # images whose pixels (16k each) the decoder read-out is fitted to
 FEATURE_CENTRING_IMAGES = 64  # images whose mean [CLS] direction is removed from the encoder's projection
+# The encoder's text tower takes open_clip's default tokenizer (CLIP BPE, 49408 tokens), so CLIP-Score
+# can run with it; its context holds the longest caption (MAX_CAPTION_WORDS words, <= 19 BPE tokens) and
+# the start / end tokens. The text tower is random: a score with it checks the pipeline, not fidelity.
+CLIP_BPE_VOCAB_SIZE = 49408
+DEMO_TEXT_CONTEXT = 32
 
 
 
@@ -160,6 +165,7 @@ def build_demo_models(models_dir: Path, cfg: DemoDataConfig, seed: int, image_pa
     models_dir.mkdir(parents=True, exist_ok=True)
     build_debug_tokenizer(num_image_codes=cfg.num_image_codes).save(str(paths.tokenizer))
     build_demo_vqgan(cfg, seed, image_paths).save_original(paths.vqgan_yaml, paths.vqgan_ckpt)
-    build_tiny_open_clip_dir(paths.encoders[0].path, seed=seed, embed_dim=cfg.feature_dim)
+    build_tiny_open_clip_dir(paths.encoders[0].path, seed=seed, embed_dim=cfg.feature_dim,
+                             text_context_length=DEMO_TEXT_CONTEXT, text_vocab_size=CLIP_BPE_VOCAB_SIZE)
     centre_feature_projection(Path(paths.encoders[0].path), image_paths[:FEATURE_CENTRING_IMAGES])
     return paths

@@ -1,8 +1,9 @@
-"""Feature extractors for FID: ``inception`` (2048-d pool3), ``xrv`` (1024-d, chest X-rays) and
-``scene`` (the demo scenes' attribute model, ``arra_ds.demo.attributes``, trained by the study).
+"""Feature extractors for FID: ``inception`` (2048-d pool3), ``xrv`` (1024-d, chest X-rays),
+``thumbnail`` (192-d, parameter-free, for the built-in demo scenes) and ``scene`` (the demo scenes'
+attribute model, ``arra_ds.demo.attributes``, trained by the study).
 
-Both take uint8 RGB batches [B, 3, H, W] (what a PNG holds) and return float64 features [B, D].
-Both use local weights only; nothing is downloaded:
+All take uint8 RGB batches [B, 3, H, W] (what a PNG holds) and return float64 features [B, D].
+All use local weights only; nothing is downloaded:
 
 - ``weights=""``: the library's own cache (where pytorch-fid / torchxrayvision would have put the
   file), e.g. ``~/.cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth`` and
@@ -13,6 +14,11 @@ Both use local weights only; nothing is downloaded:
 
 ``weights_hash`` is the SHA-256 of the network's state dict (names, dtypes, shapes, values); it goes
 into every statistics file and report so FIDs made with different weights are never compared.
+
+``thumbnail`` has no weights: the features of an image are its 8 x 8 thumbnail (area average, RGB in
+[0, 1]). On the demo's flat coloured shapes colour and layout are the whole content, and at 128 px a
+thumbnail cell is one 16-px VQ patch, so its Frechet distance compares what the demo captions
+describe, offline. It is a demo-domain metric, not comparable with Inception FIDs.
 
 Preprocessing (the resize method changes FID, so it is fixed and documented here):
 - inception: /255 -> [0, 1]; the network resizes to 299 (bilinear, no antialias, as pytorch-fid).
@@ -111,7 +117,7 @@ class FeatureExtractor:
 
     @property
     def device(self) -> torch.device:
-        return next(self.network.parameters()).device
+        return next(iter([*self.network.parameters(), *self.network.buffers()])).device
 
     @torch.inference_mode()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
@@ -221,6 +227,33 @@ def build_xrv(weights: str = "") -> FeatureExtractor:
     return FeatureExtractor("xrv", network, xrv_preprocess, XRV_FEATURE_DIM, source, state_dict_hash(network))
 
 
+# ---- thumbnail ----------------------------------------------------------------------------------
+THUMBNAIL_SIDE = 8
+
+
+class ThumbnailFeatures(nn.Module):
+    """[B, 3, H, W] in [0, 1] -> [B, 3 * side * side]: the area-averaged side x side thumbnail."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        # a buffer, not a constant: the side is part of the state dict, hence of the weights hash
+        self.register_buffer("side", torch.tensor(side))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = int(self.side)
+        return F.adaptive_avg_pool2d(x, (side, side)).flatten(1)
+
+
+def build_thumbnail(weights: str = "") -> FeatureExtractor:
+    if weights not in ("", RANDOM_WEIGHTS):
+        raise ConfigError(f"the thumbnail extractor has no weights (got {weights!r}); leave its weights empty")
+    network = ThumbnailFeatures(THUMBNAIL_SIDE).eval()
+    return FeatureExtractor(
+        "thumbnail", network, _inception_preprocess, 3 * THUMBNAIL_SIDE**2, "none (parameter-free)", state_dict_hash(network)
+    )
+
+
+
 # ---- scene --------------------------------------------------------------------------------------
 def build_scene(weights: str = "") -> FeatureExtractor:
     """The penultimate layer of the demo scenes' attribute model: ``weights`` is the file the study
@@ -243,7 +276,9 @@ def build_scene(weights: str = "") -> FeatureExtractor:
     return FeatureExtractor("scene", network, net.patch_colours, net.cfg.feature_dim, source, state_dict_hash(network))
 
 
-EXTRACTORS: dict[str, Callable[[str], FeatureExtractor]] = {"inception": build_inception, "xrv": build_xrv, "scene": build_scene}
+EXTRACTORS: dict[str, Callable[[str], FeatureExtractor]] = {
+    "inception": build_inception, "xrv": build_xrv, "thumbnail": build_thumbnail, "scene": build_scene,
+}
 
 
 def build_extractor(name: str, weights: str = "") -> FeatureExtractor:

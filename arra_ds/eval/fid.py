@@ -10,7 +10,10 @@ the root is taken again.
 
 A statistics file (``.npz``) carries ``mu``, ``sigma``, ``num_samples`` and the extractor's name
 and weights hash; ``load_stats`` refuses a file made with another extractor or other weights, the
-most common reason for FID numbers that do not reproduce.
+most common reason for FID numbers that do not reproduce. The one foreign format read is the ADM
+reference batch (``VIRTUAL_imagenet256_labeled.npz``, what LlamaGen's ImageNet FIDs are measured
+against): ``load_adm_reference_batch`` takes its ``mu`` / ``sigma``, pool3 statistics of TensorFlow's
+Inception graph, the network ``inception`` ports.
 """
 
 from __future__ import annotations
@@ -145,3 +148,35 @@ def load_stats(path: str | Path, extractor: str | None = None, weights_hash: str
     if extractor is not None and weights_hash is not None:
         stats.check_compatible(extractor, weights_hash, str(path))
     return stats
+
+
+ADM_REFERENCE_KEYS = ("mu", "sigma")
+# The network behind an ADM reference batch: TensorFlow's 2015-12-05 Inception graph (pool_3), of which
+# the ``inception`` extractor is the PyTorch port (pytorch-fid's weights).
+ADM_REFERENCE_NETWORK = "tensorflow-inception-2015-12-05 (ADM evaluator)"
+
+
+def is_arra_stats_file(path: str | Path) -> bool:
+    """Does ``path`` hold arra_ds statistics (with extractor name and weights hash), not a foreign .npz?"""
+    with np.load(Path(path), allow_pickle=False) as data:
+        return "extractor" in data.files
+
+
+def load_adm_reference_batch(path: str | Path) -> FeatureStats:
+    """The pool3 statistics of an ADM reference batch (guided-diffusion's evaluator format: ``mu`` [2048],
+    ``sigma`` [2048, 2048], plus images and spatial statistics that are not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"reference batch {path} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ADM_REFERENCE_KEYS if k not in data.files]
+        if missing:
+            raise StatsMismatchError(
+                f"{path} lacks {missing}: not an ADM reference batch (VIRTUAL_imagenet256_labeled.npz has mu and sigma) "
+                "nor an arra_ds statistics file (launch/fid_stats.py)"
+            )
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise StatsMismatchError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not the statistics of one feature width")
+    source = {"format": "ADM reference batch", "file": str(path), "network": ADM_REFERENCE_NETWORK}
+    return FeatureStats(mu, sigma, num_samples=0, extractor="inception", weights_hash=ADM_REFERENCE_NETWORK, source=source)

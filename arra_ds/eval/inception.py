@@ -6,7 +6,8 @@ torchvision's ImageNet Inception-V3 in its weights and in three pooling details 
 - the pooling branch of the A, C and first E blocks averages without counting the zero padding
   (``count_include_pad=False``);
 - the pooling branch of the last E block (``Mixed_7c``) uses max pooling, not average pooling;
-- the classifier has 1008 outputs (unused here).
+- the classifier has 1008 outputs. FID uses only pool3; the Inception Score uses the classifier's
+  matrix without its bias (``class_logits``), as the ADM evaluator does (``softmax/logits/MatMul``).
 
 Parameter names follow torchvision's ``Inception3`` (``Conv2d_1a_3x3.conv.weight``, ``Mixed_5b.
 branch1x1.bn.running_mean``, ..., ``fc.weight``), which is the layout of pytorch-fid's
@@ -179,6 +180,11 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7b = BlockE(1280, max_pool=False)
         self.Mixed_7c = BlockE(2048, max_pool=True)
         self.fc = nn.Linear(POOL3_DIM, FID_NUM_CLASSES)  # part of the weights file; not used for pool3
+
+    def class_logits(self, pool3: torch.Tensor) -> torch.Tensor:
+        """pool3 features [B, 2048] -> the classifier's logits [B, 1008] without the bias: the TF graph's
+        ``softmax/logits/MatMul`` that the ADM evaluator (LlamaGen's) feeds to its softmax for the Inception Score."""
+        return pool3 @ self.fc.weight.to(pool3.dtype).t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(images, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)

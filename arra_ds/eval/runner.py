@@ -12,15 +12,20 @@ on any number of ranks, reports what an uninterrupted single-rank run would:
   ``ms_ssim_diversity`` (among the samples of one prompt; lower is more diverse);
 - ``clip_score`` (mean image-prompt cosine; prompts over the text context are truncated and counted).
 
-Outputs in ``output_dir``: ``images/``, ``samples.jsonl``, ``reference/<extractor>.npz`` (cached
-reference statistics), ``report.json`` and ``tensorboard/`` (sample grid + metric scalars at the
-checkpoint's step).
+Outputs in ``output_dir`` (default ``<run dir>/evaluation/<checkpoint tag>`` for a trainer checkpoint):
+``images/``, ``samples.jsonl``, ``reference/<extractor>.npz`` (cached reference statistics),
+``report.json`` and ``tensorboard/`` (sample grid + metric scalars at the checkpoint's step).
+
+What is left out comes from the run's data record (``arra_ds.checkpoints.RunData``): the VQGAN and
+trained size (as for generation), the prompts (its held-out prompts), the FID extractors that work
+offline on its data and the CLIP-Score model. A demo run therefore needs nothing but ``model=``:
+its 64 held-out scenes, FID on 8 x 8 thumbnails, MS-SSIM and CLIP-Score with the demo encoder.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +35,13 @@ from tqdm.auto import tqdm
 from torch.utils.tensorboard import SummaryWriter
 
 from arra_ds import distributed
+from arra_ds.checkpoints import RUN_DATA_FILE, is_trainer_checkpoint, resolve_checkpoint
 from arra_ds.distributed import gather_rows, init_process_group, my_chunks, sum_over_ranks
 from arra_ds.errors import ConfigError
 from arra_ds.eval.clip_score import build_clip_scorer
 from arra_ds.eval.extractors import EXTRACTORS, build_extractor
 from arra_ds.eval.fid import FeatureStats, load_stats
-from arra_ds.eval.msssim import MSSSIMConfig, diversity_ms_ssim, ms_ssim_per_pair
+from arra_ds.eval.msssim import MSSSIM_SCALES, MSSSIMConfig, diversity_ms_ssim, ms_ssim_per_pair
 from arra_ds.eval.reference import REFERENCE_FROM_PROMPTS, RealImages, cached_or_computed_stats, reference_items
 from arra_ds.eval.summary import fid_score, sample_grid
 from arra_ds.io import atomic_write_json
@@ -44,12 +50,18 @@ from arra_ds.generate.loading import describe_model, load_vocab
 from arra_ds.generate.pipeline import (
     GenerateConfig,
     SampleSpec,
+    apply_run_data,
     build_samples,
     generate_missing_images,
-    write_manifest,
+    prepare_output_dir,
 )
 from arra_ds.generate.prompts import PromptSet, load_prompts
 
+AUTO = "auto"
+DEFAULT_EXTRACTOR = "inception"
+DEFAULT_OUTPUT_DIR = "runs/eval"  # for models that are not trainer checkpoints (HF directories)
+MIN_MS_SSIM_WINDOW = 3  # MSSSIMConfig.validate's smallest window
+EVAL_DIR = "evaluation"  # <run dir>/evaluation/<tag>: the default output_dir for a trainer checkpoint
 PAIRED_FORM = "generated image vs the real image of its prompt, mean over samples (the paper's MS-SSIM, higher is better)"
 DIVERSITY_FORM = "mean over pairs of samples of one prompt, then over prompts (diversity, lower is more diverse)"
 
@@ -61,8 +73,10 @@ class EvalConfig(GenerateConfig):
     conversation .json (with real images) or an MDS directory; ``batch_size`` fixes the generation
     batches, keep it when resuming."""
 
-    output_dir: str = "runs/eval"
-    extractors: list[str] = field(default_factory=lambda: ["inception"])  # inception, xrv
+    output_dir: str = ""  # "" = <run dir>/evaluation/<checkpoint tag> (trainer checkpoints), else runs/eval
+    # FID feature extractors: inception, xrv, thumbnail; "auto" = those the run's data record names (the
+    # demo: thumbnail), else inception
+    extractors: list[str] = field(default_factory=lambda: [AUTO])
     extractor_weights: dict[str, str] = field(default_factory=dict)  # name -> file | "random"; else the cache
     # real images for FID: "prompts" (those of the prompt source), an image folder, an MDS directory,
     # or "" (no FID); statistics are cached in <output_dir>/reference/<extractor>.npz
@@ -70,7 +84,9 @@ class EvalConfig(GenerateConfig):
     reference_stats: dict[str, str] = field(default_factory=dict)  # name -> precomputed .npz (checked)
     reference_limit: int = 0  # first n reference images; 0 = all
     feature_batch_size: int = 32  # reference images per extractor pass
-    clip_model: str = ""  # "" = no CLIP-Score; biomedclip, hf-hub:..., local-dir:..., ARCH:WEIGHTS, random
+    # biomedclip, hf-hub:..., local-dir:..., ARCH:WEIGHTS, random; "" = no CLIP-Score; "auto" = the run's
+    # data record's (the demo: its encoder), else none
+    clip_model: str = AUTO
     ms_ssim: bool = True
     ms_ssim_config: MSSSIMConfig = field(default_factory=MSSSIMConfig)
     grid_size: int = 16  # samples in the tensorboard grid
@@ -78,7 +94,10 @@ class EvalConfig(GenerateConfig):
 
     def validate(self) -> None:
         if not self.prompts:
-            raise ConfigError("prompts=<.txt | conversation .json | MDS dir> is required")
+            raise ConfigError(
+                f"prompts=<.txt | conversation .json | MDS dir> is required: {self.model or 'the model'} has no "
+                f"held-out prompts in a data record ({RUN_DATA_FILE})"
+            )
         super().validate()
         if self.feature_batch_size < 1:
             raise ConfigError("feature_batch_size must be >= 1")
@@ -88,6 +107,57 @@ class EvalConfig(GenerateConfig):
         if unknown:
             raise ConfigError(f"unknown extractor(s) {unknown}; available: {sorted(EXTRACTORS)}")
         self.ms_ssim_config.validate()
+
+
+def apply_eval_defaults(cfg: EvalConfig) -> list[str]:
+    """Fill what ``cfg`` leaves out from the model's data record (see the module docstring); returns
+    notes for the report: the record's caveats about the defaults it supplied, and MS-SSIM's window."""
+    data = apply_run_data(cfg)
+    from_record = []  # the keys the record supplied
+    if not cfg.prompts and data is not None and data.heldout_prompts:
+        cfg.prompts = data.heldout_prompts
+        from_record.append("prompts")
+    if cfg.extractors == [AUTO]:
+        cfg.extractors = list(data.extractors) if data is not None and data.extractors else [DEFAULT_EXTRACTOR]
+        if data is not None and data.extractors:
+            from_record.append("extractors")
+    if cfg.clip_model == AUTO:
+        cfg.clip_model = data.clip_model if data is not None else ""
+        if cfg.clip_model:
+            from_record.append("clip_model")
+    notes = [data.notes[key] for key in from_record if key in data.notes] if data is not None else []
+    window_note = fit_ms_ssim_window(cfg)
+    if window_note:
+        notes.append(window_note)
+    if not cfg.output_dir:
+        if is_trainer_checkpoint(cfg.model):
+            ref = resolve_checkpoint(cfg.model)
+            cfg.output_dir = str(ref.run_dir / EVAL_DIR / ref.tag)
+        else:
+            cfg.output_dir = DEFAULT_OUTPUT_DIR
+    return notes
+
+
+def fit_ms_ssim_window(cfg: EvalConfig) -> str | None:
+    """MS-SSIM's five scales need images of (win_size - 1) * 16 + 1 px; for smaller images (the demo's
+    128 px) use the largest odd window that fits and say so (a note for the report), else None."""
+    side = min(cfg.sampling.pixel_size())
+    if not cfg.ms_ssim or side >= cfg.ms_ssim_config.min_image_size():
+        return None
+    largest = (side - 1) // 2 ** (MSSSIM_SCALES - 1) + 1
+    largest -= 1 - largest % 2  # odd
+    if largest < MIN_MS_SSIM_WINDOW:
+        raise ConfigError(
+            f"MS-SSIM needs images of at least {(MIN_MS_SSIM_WINDOW - 1) * 2 ** (MSSSIM_SCALES - 1) + 1} px "
+            f"(got {side} px); set ms_ssim=false"
+        )
+    note = (
+        f"ms_ssim: window {largest} instead of {cfg.ms_ssim_config.win_size}: with {MSSSIM_SCALES} scales a "
+        f"{cfg.ms_ssim_config.win_size}-px window needs images of {cfg.ms_ssim_config.min_image_size()} px, these are {side} px"
+    )
+    cfg.ms_ssim_config = replace(cfg.ms_ssim_config, win_size=largest)
+    distributed.print0(note)
+    return note
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -158,25 +228,28 @@ def _write_tensorboard(cfg, out_dir: Path, samples, images_dir: Path, metrics: d
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Run the evaluation on this rank; returns the report on rank 0 and {} elsewhere."""
+    cfg.sampling.validate()
+    data_notes = apply_eval_defaults(cfg)
     cfg.validate()
     start = time.perf_counter()
     device = init_process_group()
     out_dir = Path(cfg.output_dir)
     images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
     model_info = describe_model(cfg.model)
     vocab = load_vocab(cfg.model)
     prompt_set = load_prompts(cfg.prompts, vocab, cfg.num_prompts)
     samples = build_samples(prompt_set, cfg.samples_per_prompt, cfg.sampling.seed)
+    prepare_output_dir(cfg, samples, out_dir)
     chunks = my_chunks(len(samples), cfg.batch_size)
-    distributed.print0(f"eval: {len(prompt_set.prompts)} prompts x {cfg.samples_per_prompt} samples on {distributed.world_size()} rank(s)")
+    distributed.print0(
+        f"eval: {len(prompt_set.prompts)} prompts from {prompt_set.source} x {cfg.samples_per_prompt} samples on "
+        f"{distributed.world_size()} rank(s)"
+    )
 
     # ---- generate what is missing --------------------------------------------------------------
     generated, reused = generate_missing_images(cfg, samples, chunks, images_dir, device)
     distributed.barrier()
     generated, reused = sum_over_ranks([generated, reused])
-    if distributed.is_rank0():
-        write_manifest(samples, out_dir / "samples.jsonl")
 
     # ---- per-sample metrics (this rank's chunks), gathered in sample order ---------------------
     extractors = [build_extractor(name, cfg.extractor_weights.get(name, "")).to(device) for name in cfg.extractors]
@@ -215,7 +288,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         return {}
 
     # ---- report (rank 0) -----------------------------------------------------------------------
-    notes: list[str] = []
+    notes: list[str] = list(data_notes)
     if real_failures:
         notes.append(f"{real_failures} real image(s) could not be read and were left out (listed in the ranks' output)")
     metrics: dict[str, float | None] = {}

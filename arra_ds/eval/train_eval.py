@@ -1,5 +1,7 @@
-"""A small evaluation inside training: every ``train.eval_every`` steps, sample images for the first
-``eval.num_prompts`` training prompts, decode them, and log the grid and FID to tensorboard.
+"""A small evaluation inside training: every ``train.eval_every`` steps and at the end, sample images
+for the first ``eval.num_prompts`` training prompts (the same prompts and seeds every time, so grids
+are comparable across steps), decode them, log the grid (and FID when ``eval.extractor`` is set) to
+tensorboard, and keep the latest grid as ``<run_dir>/samples.png``.
 
 The training model is never put in eval mode or touched: its weights are copied, one module at a
 time, into a plain (hook-free) backbone through ``gather`` (the engine's read-only ZeRO-3 gather,
@@ -8,10 +10,14 @@ per-sample generators inside ``torch.random.fork_rng``, so the training RNG stre
 resumed run, are unaffected. Prompts are split over ranks as in ``launch/eval.py``; every rank takes
 part in the collectives.
 
+The decoder is ``eval.vqgan_*``, by default the VQGAN the data was pre-tokenised with (the run's data
+record: the demo's models, or ``pretokenize_meta.json`` of local data).
+
 FID here uses few samples (N << feature width): it is a trend to watch during training, not a number
 to report; use ``launch/eval.py`` on the saved checkpoint for that. The reference statistics are the
 VQ reconstructions of the same prompts' training images, computed at the first evaluation and kept
-in ``<run_dir>/eval/reference_<extractor>.npz``.
+in ``<run_dir>/eval/reference/<extractor>.npz``. The demo run logs no FID (``eval.extractor: ""``):
+no Inception or XRV weights exist offline, and 8 samples give no usable FID with any extractor.
 """
 
 from __future__ import annotations
@@ -22,14 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from arra_ds import distributed
 from arra_ds.distributed import gather_rows, my_chunks
+from arra_ds.checkpoints import RunData
+from arra_ds.data.pretokenize.config import META_FILE as PRETOKENIZE_META
 from arra_ds.errors import ConfigError
 from arra_ds.eval.extractors import EXTRACTORS, build_extractor
 from arra_ds.eval.reference import RealImages, cached_or_computed_stats
 from arra_ds.eval.summary import fid_score, sample_grid
-from arra_ds.generate.images import load_rgb, to_chw_batch
+from arra_ds.generate.images import load_rgb, save_png, to_chw_batch
 from arra_ds.generate.pipeline import build_samples, generate_missing, load_decoder
 from arra_ds.generate.prompts import load_prompts
 from arra_ds.generate.sampler import ImageSampler
@@ -37,31 +46,33 @@ from arra_ds.generate.sampling import SamplingConfig
 from arra_ds.model.backbone import GatherContext, skeleton_like
 from arra_ds.tokens.layout import CODE_PATCH_PX
 
+SAMPLES_PNG = "samples.png"  # the latest sample grid, in the run directory
+
 
 @dataclass
 class TrainEvalConfig:
     """Settings of the in-training evaluation (``train.eval_every`` > 0 turns it on)."""
 
     num_prompts: int = 8  # the first n samples of the training data (prompt + real image codes)
-    vqgan_config: str = ""  # Chameleon vqgan.yaml (decoder of the data's codes)
+    vqgan_config: str = ""  # Chameleon vqgan.yaml (decoder of the data's codes); "" = the data's own VQGAN
     vqgan_checkpoint: str = ""
-    extractor: str = "inception"  # FID features: inception | xrv
+    extractor: str = "inception"  # FID features: inception | xrv | thumbnail; "" = no FID (grid only)
     extractor_weights: str = ""  # file, "random", or "" for the library cache
     batch_size: int = 8
     size_from_data: bool = True  # generate at the size of the data's images (else sampling.height/width)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self) -> None:
-        if not self.vqgan_config or not self.vqgan_checkpoint:
+        if bool(self.vqgan_config) != bool(self.vqgan_checkpoint):
             raise ConfigError(
-                "train.eval_every > 0 needs eval.vqgan_config=<vqgan.yaml> and eval.vqgan_checkpoint=<vqgan.ckpt> "
-                "(the decoder of the data's image codes)"
+                "eval.vqgan_config=<vqgan.yaml> and eval.vqgan_checkpoint=<vqgan.ckpt> go together (the decoder of "
+                "the data's image codes); leave both empty to use the VQGAN the data was pre-tokenised with"
             )
-        for path in (self.vqgan_config, self.vqgan_checkpoint):
-            if not Path(path).is_file():
-                raise ConfigError(f"eval VQGAN file {path} does not exist")
-        if self.extractor not in EXTRACTORS:
-            raise ConfigError(f"eval.extractor={self.extractor!r}: use one of {sorted(EXTRACTORS)}")
+        for key, path in (("eval.vqgan_config", self.vqgan_config), ("eval.vqgan_checkpoint", self.vqgan_checkpoint)):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{key}={path} does not exist")
+        if self.extractor and self.extractor not in EXTRACTORS:
+            raise ConfigError(f"eval.extractor={self.extractor!r}: use one of {sorted(EXTRACTORS)} or \"\" (no FID)")
         if self.num_prompts < 2 or self.batch_size < 1:
             raise ConfigError("eval.num_prompts must be >= 2 (FID needs two samples) and eval.batch_size >= 1")
         self.sampling.validate()
@@ -88,18 +99,50 @@ def inference_copy(backbone: nn.Module, gather: GatherContext, device: torch.dev
     return copy.eval().requires_grad_(False)
 
 
+NO_DECODER = (
+    f"the decoder of the data's image codes: the data names no VQGAN (no {PRETOKENIZE_META} next to its shards); "
+    "pass eval.vqgan_config=<vqgan.yaml> eval.vqgan_checkpoint=<vqgan.ckpt>"
+)
+
+
+def decoder_files(cfg: TrainEvalConfig, data: RunData | None) -> tuple[str, str]:
+    """(vqgan.yaml, vqgan.ckpt): eval.vqgan_* when given, else the data's own VQGAN, else ("", "")."""
+    if cfg.vqgan_config:
+        return cfg.vqgan_config, cfg.vqgan_checkpoint
+    if data is not None and data.vqgan_config:
+        return data.vqgan_config, data.vqgan_checkpoint
+    return "", ""
+
+
+def build_train_evaluator(cfg: TrainEvalConfig, dataset, vocab, run_dir: Path, device: torch.device, source: str,
+                          data: RunData | None) -> "TrainEvaluator | None":
+    """The evaluator, or None (and one line saying why) when no decoder is known: train.eval_every is on in
+    the embedded default config, which also trains on data of unknown origin (data.path=<MDS dir>)."""
+    if not decoder_files(cfg, data)[0]:
+        distributed.print0(f"in-training eval (train.eval_every > 0) is off: it needs {NO_DECODER}")
+        return None
+    return TrainEvaluator(cfg, dataset, vocab, run_dir, device, source, data)
+
+
 class TrainEvaluator:
     """Holds the prompts, decoder, extractor and reference statistics between evaluations."""
 
-    def __init__(self, cfg: TrainEvalConfig, dataset, vocab, run_dir: Path, device: torch.device, source: str):
+    def __init__(
+        self, cfg: TrainEvalConfig, dataset, vocab, run_dir: Path, device: torch.device, source: str,
+        data: RunData | None = None,
+    ):
         self.cfg = cfg
         self.vocab = vocab
         self.device = device
+        self.run_dir = run_dir
         self.out_dir = run_dir / "eval"
+        vqgan_config, vqgan_checkpoint = decoder_files(cfg, data)
+        if not vqgan_config:
+            raise ConfigError(f"train.eval_every > 0 needs {NO_DECODER}")
         self.prompts = load_prompts(source, vocab, cfg.num_prompts, dataset=dataset)
         with self._training_rng_untouched():  # building the decoder initialises weights from the global RNG
-            self.decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
-            self.extractor = build_extractor(cfg.extractor, cfg.extractor_weights).to(device)
+            self.decoder = load_decoder(vqgan_config, vqgan_checkpoint, device)
+            self.extractor = build_extractor(cfg.extractor, cfg.extractor_weights).to(device) if cfg.extractor else None
         self.sampling = cfg.sampling
         if cfg.size_from_data:
             h, w = self.prompts.prompts[0].real_codes.shape
@@ -117,7 +160,7 @@ class TrainEvaluator:
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def _reference_stats(self):
-        if self.reference is None:
+        if self.reference is None and self.extractor is not None:
             real = RealImages(self.sampling.height, self.sampling.width, decoder=self.decoder)
             source = {"reference": "training data (VQ reconstructions)", "num_items": len(self.prompts.prompts),
                       "height": self.sampling.height, "width": self.sampling.width}
@@ -131,16 +174,24 @@ class TrainEvaluator:
         dtype = torch.bfloat16 if engine.precision == "bf16" else torch.float32
         scalars, grid = self.run(engine.model.backbone, engine.gathered_for_reading, step, dtype)
         if distributed.is_rank0():
-            logger.log(step, scalars)
+            if scalars:
+                logger.log(step, scalars)
             logger.add_image("eval/samples", grid, step)
+            save_png(np.ascontiguousarray(grid.transpose(1, 2, 0)), self.run_dir / SAMPLES_PNG)  # [H, W, 3]
             shown = ", ".join(f"{k} {v:.3f}" for k, v in scalars.items())
+            if self.extractor is None:
+                shown = "sample grid"
+            elif not shown:
+                shown = "no reference statistics"
             where = self.out_dir / f"step_{step:08d}"
-            print(f"eval at step {step}: {shown or 'no reference statistics'}; images in {where}", flush=True)
+            # tqdm.write: a line of its own above the training progress bar, not in the middle of it
+            tqdm.write(f"eval at step {step}: {shown}; images in {where}, latest grid {self.run_dir / SAMPLES_PNG}")
 
     def run(
         self, backbone: nn.Module, gather: GatherContext, step: int, dtype: torch.dtype
     ) -> tuple[dict, np.ndarray | None]:
-        """Generate, decode, score. Returns ({"eval/fid_<extractor>": value}, grid [3, H, W] uint8 on rank 0)."""
+        """Generate, decode, score. Returns ({"eval/fid_<extractor>": value} or {} without an extractor,
+        grid [3, H, W] uint8) on rank 0, ({}, None) elsewhere."""
         images_dir = self.out_dir / f"step_{step:08d}"
         with self._training_rng_untouched():
             model = inference_copy(backbone, gather, self.device, dtype)
@@ -148,15 +199,17 @@ class TrainEvaluator:
             chunks = my_chunks(len(self.samples), self.cfg.batch_size)
             generate_missing(sampler, self.decoder, _prompt_ids_only, self.samples, chunks, images_dir, progress=False)
             del model, sampler
-            local_idx, local_feat = [], []
-            for chunk in chunks:
-                batch = to_chw_batch([load_rgb(images_dir / self.samples[k].file_name) for k in chunk])
-                local_idx.extend(chunk)
-                local_feat.append(self.extractor.extract(batch).numpy())
-            width = self.extractor.feature_dim
-            _, features = gather_rows(np.asarray(local_idx, np.int64),
-                                      np.concatenate(local_feat) if local_feat else np.zeros((0, width)))
-            reference = self._reference_stats()
+            features, reference = None, None
+            if self.extractor is not None:
+                local_idx, local_feat = [], []
+                for chunk in chunks:
+                    batch = to_chw_batch([load_rgb(images_dir / self.samples[k].file_name) for k in chunk])
+                    local_idx.extend(chunk)
+                    local_feat.append(self.extractor.extract(batch).numpy())
+                width = self.extractor.feature_dim
+                _, features = gather_rows(np.asarray(local_idx, np.int64),
+                                          np.concatenate(local_feat) if local_feat else np.zeros((0, width)))
+                reference = self._reference_stats()
         distributed.barrier()
         if not distributed.is_rank0():
             return {}, None

@@ -95,6 +95,11 @@ def _model_config_for(path: Path) -> tuple[ModelConfig, dict]:
     if is_trainer_checkpoint(path):
         ref = resolve_checkpoint(path)
         model_cfg = read_run_model_config(ref.run_dir)
+        if model_cfg.class_conditional:
+            raise ModelLoadError(
+                f"{path} is a class-conditional model (model.source={model_cfg.source}): sample and evaluate it with "
+                "launch/eval_c2i.py"
+            )
         description = {"kind": "trainer_checkpoint", "path": str(ref.path), "step": ref.step, "source": model_cfg.source}
         return model_cfg, description
     raise ModelLoadError(

@@ -59,7 +59,7 @@ class ImageSampler:
         self.backbone = backbone
         self.vocab = vocab
         self.cfg = cfg
-        self.layout = ImageGrid.for_pixels(cfg.height, cfg.width)
+        self.layout = ImageGrid.for_pixels(*cfg.pixel_size())
         vocab_size = backbone.lm_head.weight.shape[0]
         image_mask = torch.zeros(vocab_size, dtype=torch.bool)  # [V]: image code tokens
         image_mask[vocab.image_token_ids] = True

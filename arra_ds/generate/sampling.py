@@ -18,7 +18,7 @@ order Hugging Face ``generate`` applies them there (custom processors first, tem
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -27,17 +27,21 @@ from arra_ds.errors import ConfigError
 from arra_ds.tokens.layout import GRID_CELL_PX, is_valid_pixel_size
 
 
+DEFAULT_IMAGE_SIZE = 512  # ARRA's and Lumina-mGPT's sampling size, for models whose trained size is unknown
+
+
 @dataclass
 class SamplingConfig:
-    """Defaults are ARRA's (``inference_vision.py``: cfg 4.0, image top-k 2000, temperature 1.0,
-    512 x 512) and Lumina-mGPT's text top-k 10."""
+    """Defaults are ARRA's (``inference_vision.py``: cfg 4.0, image top-k 2000, temperature 1.0) and
+    Lumina-mGPT's text top-k 10. The size defaults to the size the model was trained at (its run's
+    data record; generation and evaluation fill it in), else ARRA's 512 x 512."""
 
     guidance_scale: float = 4.0  # 1.0 disables classifier-free guidance (no unconditional branch)
     image_top_k: int = 2000
     text_top_k: int = 10
     temperature: float = 1.0  # 0 = greedy
-    height: int = 512  # pixels; multiples of 32 (one grid token each)
-    width: int = 512
+    height: int = 0  # pixels, a multiple of 32 (one grid token each); 0 = the trained size (else 512)
+    width: int = 0
     seed: int = 0  # base seed; sample k draws from seed_for_sample(seed, k)
     max_text_tokens: int = 0  # text sampled after <eoss> (text top-k, no guidance), until end of turn
 
@@ -51,13 +55,21 @@ class SamplingConfig:
         if self.temperature < 0:
             raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
         for key, value in (("height", self.height), ("width", self.width)):
-            if not is_valid_pixel_size(value):
+            if value and not is_valid_pixel_size(value):
                 raise ConfigError(
                     f"sampling.{key}={value} must be a positive multiple of {GRID_CELL_PX} "
-                    f"(one grid token = {GRID_CELL_PX} px), e.g. 512"
+                    f"(one grid token = {GRID_CELL_PX} px), e.g. 512, or 0 (the size the model was trained at)"
                 )
         if self.max_text_tokens < 0:
             raise ConfigError(f"sampling.max_text_tokens={self.max_text_tokens} must be >= 0")
+
+    def pixel_size(self) -> tuple[int, int]:
+        """(height, width) in pixels; a size left at 0 is ``DEFAULT_IMAGE_SIZE``."""
+        return self.height or DEFAULT_IMAGE_SIZE, self.width or DEFAULT_IMAGE_SIZE
+
+    def with_default_size(self, height: int, width: int) -> "SamplingConfig":
+        """A copy whose sizes left at 0 are ``height`` / ``width`` (e.g. the trained size)."""
+        return replace(self, height=self.height or height, width=self.width or width)
 
     @property
     def uses_guidance(self) -> bool:
@@ -111,3 +123,18 @@ def sample_top_k(logits: torch.Tensor, top_k: int, temperature: float, uniforms:
     picked = torch.searchsorted(cdf, targets[:, None], right=True)  # [B, 1]
     last_drawable = (probs > 0).sum(dim=-1, keepdim=True) - 1  # u = 1 exactly must not reach a -inf token
     return indices.gather(1, torch.minimum(picked, last_drawable)).squeeze(1)
+
+
+def restrict_to_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens whose probabilities sum to ``top_p`` (the first token
+    that crosses it included, so at least one), set the rest to -inf. logits [B, V] (-inf entries stay
+    out). As Hugging Face's ``top_k_top_p_filtering``, which LlamaGen samples with; ``top_p >= 1`` keeps all."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative > top_p
+    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()  # shift right: the token that crosses top_p stays
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))

@@ -1,25 +1,29 @@
-"""The ARRA model: a Chameleon backbone, the alignment projector A_phi and the combined loss.
+"""The ARRA model: a backbone, the alignment projector A_phi and the combined loss.
 
     L = L_AR + z_w * L_z + lambda * L_GVA
 
 L_AR and L_z come from the chunked LM head (never [B, T, V] logits). L_GVA aligns the output of
 decoder layer ``align.layer`` (Hugging Face ``hidden_states[layer]``, captured with a forward hook)
 at the aligned positions with one global feature per sample. The projector is training-only.
+
+The backbone is reached through a ``BackboneAdapter`` (``model/interface.py``): Chameleon /
+Lumina-mGPT / debug (``model/backbone.py``) or LlamaGen's class-conditional GPT (``model/llamagen.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from arra_ds.errors import ConfigError
 from arra_ds.kernels import ALIGN_MAX_FEATURE_DIM, gva_loss, projection_alignment_loss
-from arra_ds.model.backbone import GatherContext, ModelConfig, load_backbone, no_gather
+from arra_ds.model.backbone import ModelConfig, build_backbone_adapter
+from arra_ds.model.interface import BackboneAdapter, GatherContext, PartitionContext, no_gather, no_partitioning
 from arra_ds.tokens.layout import IGNORE_INDEX
-from arra_ds.tokens.vocab import ChameleonVocab
+from arra_ds.tokens.vocab import REP_TOKEN
 
 
 @dataclass
@@ -27,11 +31,19 @@ class AlignConfig:
     weight: float = 1.0  # lambda; 0 trains the AR-only baseline (no projector is built)
     layer: int = 1  # HF hidden_states[layer]: output of decoder layer `layer` (1-based)
     # hybnext: every position whose next token is an image code (the paper's <HYBNEXT>);
-    # rep: one position per sample, the image-start token <racm3:break>;
+    # rep: one position per sample, the token named by rep_token (the paper's <REP>);
     # slice: the reference code's fixed [-(slice_len+1):-1] slice of the padded batch (comparison only).
     target: Literal["hybnext", "rep", "slice"] = "hybnext"
     slice_len: int = 1024
+    # target=rep: the token whose position is aligned (its first supervised occurrence). The reference's
+    # <REP> is <reserved08795>, which the data must hold (launch/pretokenize.py rep_token=true puts it
+    # at the start of the assistant turn); rep_token="<racm3:break>" aligns at the image start instead
+    # (works on any data).
+    rep_token: str = REP_TOKEN
     projector: Literal["mlp", "maxpool"] = "mlp"  # paper appendix Table 2
+    # hf: Hugging Face's _init_weights, as the reference's projector (built inside the HF model) gets:
+    # weights normal(0, initializer_range of the backbone config), biases 0; torch: nn.Linear's default.
+    projector_init: Literal["hf", "torch"] = "hf"
     loss: Literal["cosine", "mse"] = "cosine"  # paper appendix Table 4
     encoder: str = "biomedclip"  # the data column feat_<encoder> holds the target features
     feature_dim: int = 0  # D; 0 = read from the data (the trainer fills it in)
@@ -53,6 +65,8 @@ class AlignConfig:
             raise ConfigError(f"align.slice_len={self.slice_len} must be >= 1")
         if self.feature_dim < 0:
             raise ConfigError(f"align.feature_dim={self.feature_dim} must be >= 0 (0 = from the data)")
+        if self.target == "rep" and not self.rep_token:
+            raise ConfigError("align.target=rep needs align.rep_token (a token name, e.g. <reserved08795>)")
         if not self.encoder or not self.encoder.replace("_", "").isalnum():
             raise ConfigError(f"align.encoder={self.encoder!r} must be a plain name such as biomedclip, clip, medsam")
 
@@ -76,9 +90,14 @@ class AlignHead(nn.Module):
     The loss is computed inside ``forward`` so that ZeRO-3 gathers fc1/fc2 for it. For the mlp
     projector, ``fused_kernels`` (model.fused_kernels) may select the Triton kernel
     (``arra_ds.kernels.projection_alignment_loss``), which never stores the [N, D] activations.
+    ``init_std``: None keeps nn.Linear's default initialisation; a number gives Hugging Face's
+    ``_init_weights`` (weights normal(0, init_std), biases zero).
     """
 
-    def __init__(self, hidden_size: int, feature_dim: int, projector: str, loss_kind: str, fused_kernels: str = "auto"):
+    def __init__(
+        self, hidden_size: int, feature_dim: int, projector: str, loss_kind: str, fused_kernels: str = "auto",
+        init_std: float | None = None,
+    ):
         super().__init__()
         if projector == "maxpool" and feature_dim > hidden_size:
             raise ConfigError(
@@ -97,6 +116,10 @@ class AlignHead(nn.Module):
         if projector == "mlp":
             self.fc1 = nn.Linear(hidden_size, feature_dim)
             self.fc2 = nn.Linear(feature_dim, feature_dim)
+            if init_std is not None:
+                for linear in (self.fc1, self.fc2):
+                    nn.init.normal_(linear.weight, mean=0.0, std=init_std)
+                    nn.init.zeros_(linear.bias)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.projector == "mlp":
@@ -120,13 +143,14 @@ def aligned_positions(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     vocab_image_mask: torch.Tensor,
-    image_start_id: int,
+    rep_id: int,
     target: str,
     slice_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch index [N], time index [N]) of the hidden states to align.
 
-    labels [B, T] are unshifted (-100 = ignored), so position t predicts labels[t + 1].
+    labels [B, T] are unshifted (-100 = ignored), so position t predicts labels[t + 1]. ``rep_id``:
+    the token whose first supervised position ``rep`` aligns (rows without it get no position).
     """
     batch, length = labels.shape
     if target == "hybnext":
@@ -136,7 +160,7 @@ def aligned_positions(
         b_idx, t_idx = is_image.nonzero(as_tuple=True)
         return b_idx, t_idx
     if target == "rep":
-        is_start = (input_ids == image_start_id) & (labels != IGNORE_INDEX)  # [B, T]
+        is_start = (input_ids == rep_id) & (labels != IGNORE_INDEX)  # [B, T]
         has = is_start.any(dim=1)
         first = is_start.int().argmax(dim=1)
         b_idx = torch.arange(batch, device=labels.device)[has]
@@ -149,8 +173,12 @@ def aligned_positions(
     raise ValueError(f"unknown align target {target!r}")
 
 
-@dataclass
-class ARRAOutput:
+class ARRAOutput(NamedTuple):
+    """What ``ARRAModel.forward`` returns. A NamedTuple, not a dataclass: DeepSpeed's ZeRO-3 hooks walk
+    module outputs (tuples, lists, dicts, namedtuples) to wrap their tensors in the autograd function
+    that gathers a module's parameters before its backward; an object they cannot walk gets the
+    warning "A module has unknown inputs or outputs type" and no pre-backward hook for that module."""
+
     loss: torch.Tensor  # total, differentiable
     loss_ar: torch.Tensor  # CE over supervised tokens (detached)
     loss_gva: torch.Tensor  # alignment loss (detached; 0 when disabled)
@@ -161,17 +189,19 @@ class ARRAOutput:
 
 
 class ARRAModel(nn.Module):
-    def __init__(self, backbone: nn.Module, vocab: ChameleonVocab, align: AlignConfig, fused_kernels: str = "auto"):
+    def __init__(self, adapter: BackboneAdapter, align: AlignConfig, fused_kernels: str = "auto"):
         super().__init__()
-        self.backbone = backbone
-        self.vocab = vocab
+        self.backbone = adapter.module  # registered here: checkpoints name its parameters backbone.*
+        self.adapter = adapter
+        self.vocab = adapter.vocab  # the text vocabulary (None for a class-conditional backbone)
         self.align = align
-        hidden_size = backbone.config.hidden_size
-        num_layers = backbone.config.num_hidden_layers
-        image_token_mask = torch.zeros(backbone.config.vocab_size, dtype=torch.bool)  # [V]
-        image_token_mask[vocab.image_token_ids] = True
+        hidden_size = adapter.hidden_size
+        num_layers = adapter.num_layers
+        image_token_mask = torch.zeros(adapter.vocab_size, dtype=torch.bool)  # [V]
+        image_token_mask[adapter.image_token_ids] = True
         self.register_buffer("image_token_mask", image_token_mask, persistent=False)
         self.align_head: AlignHead | None = None
+        self.rep_id = -1  # align.target=rep: id of align.rep_token
         self._capturing = False
         self._captured: torch.Tensor | None = None
         if align.enabled:
@@ -179,11 +209,20 @@ class ARRAModel(nn.Module):
                 raise ValueError("align.feature_dim must be resolved from the data before build_model")
             if not 1 <= align.layer <= num_layers:
                 raise ValueError(f"align.layer={align.layer} out of range 1..{num_layers}")
-            self.align_head = AlignHead(hidden_size, align.feature_dim, align.projector, align.loss, fused_kernels)
-            # hidden_states[L] in HF is the output of layers[L-1], except the last entry, which is
-            # taken after the final norm.
-            source = backbone.model.norm if align.layer == num_layers else backbone.model.layers[align.layer - 1]
-            source.register_forward_hook(self._capture_hook)
+            init_std = adapter.initializer_range if align.projector_init == "hf" else None
+            self.align_head = AlignHead(
+                hidden_size, align.feature_dim, align.projector, align.loss, fused_kernels, init_std=init_std
+            )
+            if align.target == "rep":  # by name (e.g. <reserved08795>); a clear error if the vocabulary lacks it
+                if adapter.vocab is None:
+                    raise ValueError("align.target=rep needs a text vocabulary with the <REP> token; this backbone has none")
+                self.rep_id = adapter.vocab.id(align.rep_token)
+            adapter.layer_output(align.layer).register_forward_hook(self._capture_hook)
+
+    @property
+    def pad_id(self) -> int:
+        """The id the data loader pads sequences with."""
+        return self.adapter.pad_id
 
     def num_parameters(self) -> int:
         """Total parameter count (under ZeRO-3 each parameter's full ``ds_numel``, not the local shard)."""
@@ -191,13 +230,23 @@ class ARRAModel(nn.Module):
 
     def non_embedding_parameters(self) -> int:
         """Parameters without the input embeddings (the N of the FLOPs formula; the LM head is in)."""
-        embed = self.backbone.model.embed_tokens.weight
+        embed = self.adapter.input_embedding
         return self.num_parameters() - getattr(embed, "ds_numel", embed.numel())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of the backbone at sequence length ``seq_len`` (for MFU)."""
-        config = self.backbone.config
-        return training_flops_per_token(self.non_embedding_parameters(), config.num_hidden_layers, config.hidden_size, seq_len)
+        adapter = self.adapter
+        return training_flops_per_token(self.non_embedding_parameters(), adapter.num_layers, adapter.hidden_size, seq_len)
+
+    def _check_rep_rows(self, labels: torch.Tensor, rep_rows: torch.Tensor) -> None:
+        """target=rep: every row with image tokens to learn must hold the <REP> token, or that row would
+        silently get no alignment term (data pre-tokenised without it)."""
+        has_image = self.image_token_mask[labels.clamp(min=0)].logical_and(labels != IGNORE_INDEX).any(dim=1)  # [B]
+        if int(has_image.sum()) > rep_rows.numel():
+            raise ConfigError(
+                f"align.target=rep: a sample with an image has no {self.align.rep_token} token to align. Pre-tokenise "
+                f"with rep_token=true (launch/pretokenize.py), or set align.rep_token=<racm3:break> to align at the image start"
+            )
 
     def _capture_hook(self, module, inputs, output):
         # Activation checkpointing re-runs the layer in backward; capture only in the real forward.
@@ -205,30 +254,30 @@ class ARRAModel(nn.Module):
             self._captured = output[0] if isinstance(output, tuple) else output
 
     def forward(self, batch: dict) -> ARRAOutput:
-        input_ids = batch["input_ids"]  # [B, T]
-        labels = batch["labels"]  # [B, T], unshifted
-        attention_mask = batch.get("attention_mask")  # [B, T]
         self._capturing = self.align_head is not None
         self._captured = None
         try:
-            hidden = self.backbone.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state  # [B, T, H]
+            view = self.adapter.run(batch)
         finally:
             self._capturing = False
         layer_hidden, self._captured = self._captured, None
+        input_ids = view.input_ids  # [B, T]
+        labels = view.labels  # [B, T], unshifted
+        hidden = view.hidden  # [B, T-1, H]: positions that predict labels[:, 1:]
 
         shifted_targets = labels[:, 1:]  # [B, T-1]
         supervised = shifted_targets != IGNORE_INDEX
-        lm_loss, ce, z = self.backbone.lm_head(hidden[:, :-1][supervised], targets=shifted_targets[supervised])
+        lm_loss, ce, z = self.adapter.lm_head(hidden[supervised], targets=shifted_targets[supervised])
 
         zero = torch.zeros((), device=hidden.device)
         loss_gva, cos, num_aligned = zero, zero, 0
         total = lm_loss
         if self.align_head is not None:
             b_idx, t_idx = aligned_positions(
-                input_ids, labels, self.image_token_mask, self.vocab.image_start_id, self.align.target, self.align.slice_len
+                input_ids, labels, self.image_token_mask, self.rep_id, self.align.target, self.align.slice_len
             )
+            if self.align.target == "rep":
+                self._check_rep_rows(labels, b_idx)
             targets = batch["target_features"]  # [B, D]
             if targets.shape[-1] != self.align.feature_dim:
                 raise ValueError(
@@ -250,11 +299,16 @@ class ARRAModel(nn.Module):
 
 
 def build_model(
-    model_cfg: ModelConfig, align_cfg: AlignConfig, dtype: torch.dtype = torch.float32, gather: GatherContext = no_gather
+    model_cfg: ModelConfig,
+    align_cfg: AlignConfig,
+    dtype: torch.dtype = torch.float32,
+    gather: GatherContext = no_gather,
+    partitioned: PartitionContext = no_partitioning,
 ) -> ARRAModel:
-    """The backbone of ``model_cfg`` wrapped for ARRA; ``align_cfg.feature_dim`` must already hold D (from the data)."""
-    backbone, vocab = load_backbone(model_cfg, dtype=dtype, gather=gather)
-    model = ARRAModel(backbone, vocab, align_cfg, model_cfg.fused_kernels)
+    """The backbone of ``model_cfg`` wrapped for ARRA; ``align_cfg.feature_dim`` must already hold D (from the data).
+    ``gather`` / ``partitioned``: the trainer's ZeRO-3 hooks (``model/interface.py``)."""
+    adapter = build_backbone_adapter(model_cfg, dtype=dtype, gather=gather, partitioned=partitioned)
+    model = ARRAModel(adapter, align_cfg, model_cfg.fused_kernels)
     if model.align_head is not None:
         model.align_head.to(dtype)
     return model

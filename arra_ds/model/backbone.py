@@ -1,35 +1,47 @@
-"""Backbone loading: Hugging Face Chameleon, Lumina-mGPT, or the in-code debug preset.
+"""Backbones: Hugging Face Chameleon, Lumina-mGPT, the in-code debug preset, and LlamaGen's c2i GPT.
 
 Single-device code. Under ZeRO-3 the trainer keeps a ``transformers`` ``HfDeepSpeedConfig`` alive
 while this runs, so ``from_pretrained`` / ``_from_config`` build the model inside ``zero.Init`` and
-no rank ever holds the full weights. Weight edits that need the full tensor go through the
-``gather`` context factory the trainer passes in (``deepspeed.zero.GatheredParameters`` there, a
-no-op here).
+no rank ever holds the full weights; a plain ``nn.Module`` backbone (LlamaGen) is built inside the
+``partitioned`` context the trainer passes in instead. Weight edits that need the full tensor go
+through the ``gather`` context factory (``deepspeed.zero.GatheredParameters`` there, a no-op here);
+see ``model/interface.py``.
+
+``build_backbone_adapter(cfg)`` is what the ARRA wrapper uses: the backbone module behind the
+``BackboneAdapter`` interface (``ChameleonAdapter`` here, ``LlamaGenAdapter`` in ``model/llamagen.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Literal
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
 from arra_ds.errors import ConfigError
-from arra_ds.kernels import lm_head_loss, triton_interpreter_enabled
+from arra_ds.kernels import triton_interpreter_enabled
+from arra_ds.model.interface import (
+    BackboneAdapter,
+    GatherContext,
+    LMHeadWithLoss,
+    PartitionContext,
+    SequenceView,
+    no_gather,
+    no_partitioning,
+)
+from arra_ds.model.llamagen import LlamaGenConfig, build_llamagen_backbone
 from arra_ds.tokens.vocab import ChameleonVocab, VocabError, build_debug_tokenizer
 
-GatherContext = Callable[[Iterable[nn.Parameter]], ContextManager]
-
-
-def no_gather(params: Iterable[nn.Parameter]) -> ContextManager:
-    return contextlib.nullcontext()
+LLAMAGEN_SOURCE = "llamagen"
+# model.attn_implementation values LlamaGen's attention honours: it always calls PyTorch SDPA (flash on GPU).
+LLAMAGEN_ATTENTION = ("auto", "sdpa")
 
 
 @dataclass
@@ -59,24 +71,46 @@ class DebugModelConfig:
 @dataclass
 class ModelConfig:
     # debug: tiny model built in code; chameleon: facebook/chameleon-7b layout (text-only generation,
-    # image rows of lm_head start at zero); lumina_mgpt: Lumina-mGPT-7B (image generation already).
-    source: Literal["debug", "chameleon", "lumina_mgpt"] = "debug"
+    # image rows of lm_head start at zero); lumina_mgpt: Lumina-mGPT-7B (image generation already);
+    # llamagen: LlamaGen's class-conditional GPT from random initialisation (ARRA-Base, class-to-image data).
+    source: Literal["debug", "chameleon", "lumina_mgpt", "llamagen"] = "debug"
     path: str = ""  # local checkpoint directory (config.json + weights) for chameleon / lumina_mgpt
     debug: DebugModelConfig = field(default_factory=DebugModelConfig)
+    llamagen: LlamaGenConfig = field(default_factory=LlamaGenConfig)  # sizes of source=llamagen (size B / L / XL or dims)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     activation_checkpointing: bool = False
     z_loss_weight: float = 0.0
     # auto: zero for source=chameleon (as Lumina-mGPT does from the text-only model), keep otherwise.
     init_image_head: Literal["auto", "zero", "keep"] = "auto"
     lm_loss_chunk_size: int = 2048  # rows of the chunked LM-head loss; memory ~ chunk * vocab * 4 B
-    attention_dropout: float = 0.0
+    attention_dropout: float = 0.0  # HF's dropout on the attention probabilities
+    # Lumina-mGPT's `dropout`: on the attention and MLP outputs of every decoder layer, before they are
+    # added to the residual stream (training only; the ARRA reference trains with 0.05). 0 = stock HF.
+    residual_dropout: float = 0.0
     # Triton kernels (kernels/) for the LM-head loss and the alignment projector + loss.
     # auto: for CUDA tensors; on: always (CPU only under TRITON_INTERPRET=1, for tests); off: torch.
     fused_kernels: Literal["auto", "on", "off"] = "auto"
 
+    @property
+    def class_conditional(self) -> bool:
+        """Does the backbone draw images for class labels (class-to-image data) rather than for text?"""
+        return self.source == LLAMAGEN_SOURCE
+
     def validate(self) -> None:
         if self.source == "debug":
             self.debug.validate()
+        elif self.source == LLAMAGEN_SOURCE:
+            self.llamagen.validate()
+            if self.path:
+                raise ConfigError(
+                    f"model.path={self.path} is not used by model.source=llamagen (trained from random initialisation, "
+                    "sized by model.llamagen.*); remove model.path"
+                )
+            if self.attn_implementation not in LLAMAGEN_ATTENTION:
+                raise ConfigError(
+                    f"model.attn_implementation={self.attn_implementation}: LlamaGen's attention always runs PyTorch SDPA "
+                    f"(its flash backend on GPU); use one of {list(LLAMAGEN_ATTENTION)}"
+                )
         else:
             if not self.path:
                 raise ConfigError(
@@ -90,6 +124,9 @@ class ModelConfig:
             raise ConfigError(f"model.lm_loss_chunk_size={self.lm_loss_chunk_size} must be >= 1")
         if self.z_loss_weight < 0:
             raise ConfigError(f"model.z_loss_weight={self.z_loss_weight} must be >= 0")
+        for key in ("attention_dropout", "residual_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
         if self.fused_kernels == "on" and not torch.cuda.is_available() and not triton_interpreter_enabled():
             raise ConfigError(
                 "model.fused_kernels=on needs a CUDA device (Triton kernels); on CPU use model.fused_kernels=auto "
@@ -102,11 +139,23 @@ class ModelConfig:
     def num_hidden_layers(self) -> int:
         if self.source == "debug":
             return self.debug.num_hidden_layers
+        if self.source == LLAMAGEN_SOURCE:
+            return self.llamagen.resolved_n_layer
         return int(self._hf_config_dict()["num_hidden_layers"])
 
+    def hidden_size(self) -> int:
+        if self.source == "debug":
+            return self.debug.hidden_size
+        if self.source == LLAMAGEN_SOURCE:
+            return self.llamagen.resolved_dim
+        return int(self._hf_config_dict()["hidden_size"])
+
     def max_positions(self) -> int:
+        """The longest data sequence (tokens of one sample) the backbone takes; 0 = unknown."""
         if self.source == "debug":
             return self.debug.max_position_embeddings
+        if self.source == LLAMAGEN_SOURCE:
+            return self.llamagen.block_size  # a sample is the image's codes; the class token is added by the model
         return int(self._hf_config_dict().get("max_position_embeddings", 0))
 
     def zero_image_head(self) -> bool:
@@ -123,34 +172,49 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
-class LMHeadWithLoss(nn.Module):
-    """Chameleon's ``lm_head`` (same parameter name, ``lm_head.weight`` [V, H]).
+class ResidualDropout:
+    """Forward hook: dropout on a residual branch's output, only while its module is in training mode.
 
-    ``head(hidden)`` gives logits as ``nn.Linear`` does (generation); ``head(hidden, targets=y)``
-    gives the chunked CE + z-loss without full logits (``arra_ds.kernels.lm_head_loss``: the Triton
-    kernel when ``fused_kernels`` selects it, else the torch chunked version). The loss runs inside this
-    module's forward so ZeRO-3 gathers ``weight`` for it.
+    Lumina-mGPT's Chameleon (the model the ARRA reference trains) computes each decoder layer as
+
+        h = x + dropout(attn(norm1(x)));   out = h + dropout(mlp(norm2(h)))
+
+    (swin-norm layers: ``x + dropout(norm1(attn(x)))``, ``h + dropout(norm2(mlp(h)))``). Stock HF
+    Chameleon has no such dropout; this hook on the branch's last module (``self_attn`` / ``mlp``, or
+    the two norms in swin-norm layers) gives the same computation without forking the HF model file.
+    Under activation checkpointing the hook runs inside the checkpointed layer, and torch's checkpoint
+    (``preserve_rng_state=True``) restores the RNG state for the recompute, so backward sees the masks
+    of the forward pass.
     """
 
-    def __init__(self, weight: nn.Parameter, z_loss_weight: float, chunk_size: int, fused_kernels: str = "auto"):
-        super().__init__()
-        self.weight = weight
-        self.z_loss_weight = z_loss_weight
-        self.chunk_size = chunk_size
-        self.fused_kernels = fused_kernels
+    def __init__(self, p: float):
+        self.p = p
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
+    def __call__(self, module: nn.Module, inputs, output):
+        if not module.training:
+            return None  # eval / generation: the output passes through untouched
+        if isinstance(output, tuple):  # self_attn returns (attn_output [B, T, H], attn_weights)
+            return (F.dropout(output[0], self.p, training=True), *output[1:])
+        return F.dropout(output, self.p, training=True)
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None):
-        if targets is None:
-            return nn.functional.linear(hidden, self.weight)
-        return lm_head_loss(hidden, self.weight, targets, self.z_loss_weight, self.chunk_size, self.fused_kernels)
+def residual_branch_outputs(model: ChameleonForConditionalGeneration) -> list[nn.Module]:
+    """Per decoder layer, the two modules whose outputs are added to the residual stream."""
+    modules = []
+    for layer in model.model.layers:
+        if model.config.swin_norm:  # the norm comes after the branch: it is the branch's last module
+            modules += [layer.input_layernorm, layer.post_attention_layernorm]
+        else:
+            modules += [layer.self_attn, layer.mlp]
+    return modules
+
+
+def add_residual_dropout(model: ChameleonForConditionalGeneration, p: float) -> None:
+    """Lumina-mGPT's residual dropout ``p`` on every decoder layer (see ``ResidualDropout``)."""
+    if p <= 0:
+        return  # nothing registered: the model is stock HF Chameleon
+    for module in residual_branch_outputs(model):
+        module.register_forward_hook(ResidualDropout(p))
 
 
 def debug_chameleon_config(cfg: DebugModelConfig, attn_implementation: str) -> ChameleonConfig:
@@ -188,6 +252,11 @@ def debug_chameleon_config(cfg: DebugModelConfig, attn_implementation: str) -> C
 
 def backbone_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> ChameleonConfig:
     """The Hugging Face config of the backbone ``cfg`` describes (the debug preset is built in code)."""
+    if cfg.source == LLAMAGEN_SOURCE:
+        raise ConfigError(
+            "model.source=llamagen is LlamaGen's class-conditional GPT, not a Hugging Face Chameleon model: "
+            "sample and evaluate it with launch/eval_c2i.py"
+        )
     if cfg.source == "debug":
         hf_config = debug_chameleon_config(cfg.debug, attn_implementation)
     else:
@@ -242,7 +311,8 @@ def load_backbone(
     """Build (debug: random init) or load (from_pretrained) the Chameleon backbone; returns (model, vocab).
 
     The returned model has no ``vqmodel`` and its ``lm_head`` is an ``LMHeadWithLoss``. Image-token
-    logits are never masked (we do not call HF's forward).
+    logits are never masked (we do not call HF's forward). With ``cfg.residual_dropout`` > 0 its decoder
+    layers carry ``ResidualDropout`` hooks, active in training mode only.
     """
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.source == "debug":
@@ -273,6 +343,85 @@ def load_backbone(
         with gather([weight]), torch.no_grad():
             weight[vocab.image_token_ids.to(weight.device)] = 0.0
 
+    add_residual_dropout(model, cfg.residual_dropout)
     if cfg.activation_checkpointing:
+        # non-reentrant checkpoint with preserve_rng_state (default True): dropout masks replay in recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, vocab
+
+
+class ChameleonAdapter(BackboneAdapter):
+    """A ``ChameleonForConditionalGeneration`` as ``load_backbone`` builds it (debug, Chameleon, Lumina-mGPT)."""
+
+    def __init__(self, module: ChameleonForConditionalGeneration, vocab: ChameleonVocab):
+        super().__init__(module, vocab)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.module.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.module.config.num_hidden_layers
+
+    @property
+    def initializer_range(self) -> float:
+        return float(self.module.config.initializer_range)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.module.config.vocab_size
+
+    @property
+    def image_token_ids(self) -> torch.Tensor:
+        return self.vocab.image_token_ids
+
+    @property
+    def image_start_id(self) -> int:
+        return self.vocab.image_start_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab.pad_id
+
+    @property
+    def lm_head(self) -> LMHeadWithLoss:
+        return self.module.lm_head
+
+    @property
+    def input_embedding(self) -> nn.Parameter:
+        return self.module.model.embed_tokens.weight
+
+    def layer_output(self, layer: int) -> nn.Module:
+        # hidden_states[L] in HF is the output of layers[L-1], except the last entry, which is taken
+        # after the final norm.
+        model = self.module.model
+        return model.norm if layer == self.num_layers else model.layers[layer - 1]
+
+    def run(self, batch: dict) -> SequenceView:
+        input_ids = batch["input_ids"]  # [B, T]
+        hidden = self.module.model(
+            input_ids=input_ids, attention_mask=batch.get("attention_mask"), use_cache=False
+        ).last_hidden_state  # [B, T, H]
+        return SequenceView(input_ids=input_ids, labels=batch["labels"], hidden=hidden[:, :-1])
+
+
+def build_backbone_adapter(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    gather: GatherContext = no_gather,
+    partitioned: PartitionContext = no_partitioning,
+) -> BackboneAdapter:
+    """The backbone ``cfg`` describes, built (random init) or loaded, behind the ARRA interface."""
+    if cfg.source == LLAMAGEN_SOURCE:
+        return build_llamagen_backbone(
+            cfg.llamagen,
+            z_loss_weight=cfg.z_loss_weight,
+            lm_loss_chunk_size=cfg.lm_loss_chunk_size,
+            fused_kernels=cfg.fused_kernels,
+            activation_checkpointing=cfg.activation_checkpointing,
+            dtype=dtype,
+            gather=gather,
+            partitioned=partitioned,
+        )
+    return ChameleonAdapter(*load_backbone(cfg, dtype=dtype, gather=gather))

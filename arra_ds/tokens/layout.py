@@ -1,13 +1,17 @@
 """Token layout of one (prompt, image) sample and the image-grid geometry, in one place.
 
-    <s> prompt <eot> | <racm3:break> <grid h> <grid w> (w codes, <row end>) x h <eoss> <eot>
-    \\___ prompt_len ___/ \\______________________ supervised ______________________________/
+    <s> prompt <eot> | [<REP>] <racm3:break> <grid h> <grid w> (w codes, <row end>) x h <eoss> <eot>
+    \\___ prompt_len ___/ \\__________________________ supervised __________________________________/
 
-<eot> is <reserved08706>, <row end> is <reserved08799>. Geometry (Lumina-mGPT's): the Chameleon VQGAN
-gives one code per ``CODE_PATCH_PX`` = 16 pixels, and a grid token counts ``GRID_CELL_PX`` = 32-px
-cells, i.e. ``CODES_PER_GRID_CELL`` = 2 codes per side. A 512 x 512 image has 32 x 32 codes and
-3 + 32 * 33 + 1 = 1060 image-part tokens. ``ImageGrid`` is the code grid of one image: what the
-pre-tokenizer writes, what the sampler draws and forces, what the decoder turns into pixels.
+<eot> is <reserved08706>, <row end> is <reserved08799>. <REP> (<reserved08795>) is there only in data
+pre-tokenised for the `rep` alignment ablation (``rep_token=true``): the ARRA reference puts it at the
+start of the assistant turn, so it is supervised and ``prompt_len`` does not change.
+
+Geometry (Lumina-mGPT's): the Chameleon VQGAN gives one code per ``CODE_PATCH_PX`` = 16 pixels, and a
+grid token counts ``GRID_CELL_PX`` = 32-px cells, i.e. ``CODES_PER_GRID_CELL`` = 2 codes per side. A
+512 x 512 image has 32 x 32 codes and 3 + 32 * 33 + 1 = 1060 image-part tokens. ``ImageGrid`` is the code
+grid of one image: what the pre-tokenizer writes, what the sampler draws and forces, what the decoder
+turns into pixels.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from arra_ds.tokens.vocab import ChameleonVocab
+from arra_ds.tokens.vocab import REP_TOKEN, ChameleonVocab
 
 IGNORE_INDEX = -100  # label of tokens that are not trained (the prompt, padding)
 CODE_PATCH_PX = 16  # pixels per VQ code side (the Chameleon VQGAN's downsampling factor)
@@ -137,10 +141,14 @@ def image_grid_of_sample(tokens: Sequence[int], vocab: ChameleonVocab) -> ImageG
     )
 
 
-def conversation_tokens(prompt_ids: list[int], image_tokens: list[int], vocab: ChameleonVocab) -> tuple[list[int], int]:
-    """(tokens, prompt_len) for one human prompt followed by the assistant's image."""
+def conversation_tokens(
+    prompt_ids: list[int], image_tokens: list[int], vocab: ChameleonVocab, rep_token: bool = False
+) -> tuple[list[int], int]:
+    """(tokens, prompt_len) for one human prompt followed by the assistant's image (``rep_token``: the
+    assistant turn opens with <REP>, as the ARRA reference's `rep` data does)."""
     prefix = [vocab.bos_id, *prompt_ids, vocab.end_of_turn_id]
-    return prefix + list(image_tokens) + [vocab.end_of_turn_id], len(prefix)
+    rep = [vocab.id(REP_TOKEN)] if rep_token else []
+    return prefix + rep + list(image_tokens) + [vocab.end_of_turn_id], len(prefix)
 
 
 def labels_for(tokens: Sequence[int], prompt_len: int) -> list[int]:

@@ -8,6 +8,8 @@ follow Chameleon / Lumina-mGPT:
     <racm3:break>         image start            <eoss>            image end
     <reserved08799>       end of an image row    <reserved08706>   end of a conversation turn
     <reserved{8800+n}>    "n grids" (32-px cells) for the image height and width
+    <reserved08795>       <REP>: the ARRA reference's token for the `rep` alignment ablation (opens the
+                          assistant turn, right before <racm3:break>; only in data pre-tokenised with it)
     IMGIMG<digits as A-J>Z   image code tokens; the digits spell the VQ code index
 
 The debug preset builds a small vocabulary with the same names (``build_debug_tokenizer``) so that
@@ -35,6 +37,10 @@ IMAGE_START = "<racm3:break>"
 IMAGE_END = "<eoss>"
 ROW_END = "<reserved08799>"
 END_OF_TURN = "<reserved08706>"
+# <REP>: the ARRA reference's `rep` ablation prefixes the assistant turn with this token
+# (xllmx/data/item_processor_new.py) and aligns the hidden state at its position (token_id = 8799 in
+# modeling_xllmx_chameleon_align.py: Chameleon's id of <reserved08795>, since <reservedN> has id N + 4).
+REP_TOKEN = "<reserved08795>"
 IMAGE_CODE_PREFIX = "IMGIMG"
 GRID_TOKEN_BASE = 8800
 DEBUG_MAX_GRID = 32  # grid-size tokens of the debug vocabulary: images up to 32 cells (1024 px) per side
@@ -242,7 +248,7 @@ def build_debug_tokenizer(
     """A ``tokenizers.Tokenizer`` with Chameleon's special-token names and a small word vocabulary.
 
     Ids: 0 <s>, 1 <pad>, 2 </s>, 3 <unk>, then the image codes (as in Chameleon, image codes come
-    right after the first specials), then the remaining specials, grid tokens and words.
+    right after the first specials), then the remaining specials, grid tokens, words and <REP>.
     """
     names: list[str] = [BOS, PAD, EOS, "<unk>"]
     names += [image_code_token_name(c) for c in range(num_image_codes)]
@@ -253,6 +259,7 @@ def build_debug_tokenizer(
         if w not in seen:
             names.append(w)
             seen.add(w)
+    names.append(REP_TOKEN)  # last, so that adding it left every other id unchanged
     vocab = {n: i for i, n in enumerate(names)}
     tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()

@@ -7,6 +7,15 @@ rename, fsync the directory). A crash at any point leaves ``latest`` naming the 
 checkpoint.
 
 All functions are called on every rank (they contain barriers); only rank 0 touches shared files.
+
+Elastic resume: a checkpoint written by another number of ranks is converted once, on rank 0, with
+DeepSpeed's own universal-checkpoint converter into ``<tag>/universal`` (written as
+``universal.partial`` and renamed, with its own manifest, like a save), and DeepSpeed repartitions it
+over this run's ranks, Adam's moments included. The same number of ranks loads the checkpoint itself
+(the fast path, bitwise exact). RNG states: rank r continues the stream it saved when the checkpoint
+has a rank r; a rank the checkpoint did not have starts a fresh stream seeded from (seed, rank, step),
+so such a resume is reproducible but its dropout masks are not those of any uninterrupted run (with
+another number of ranks every sample is on another rank anyway).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from arra_ds.checkpoints import (
     PARTIAL_SUFFIX,
     REPLACED_SUFFIX,
     TRAINER_STATE,
+    UNIVERSAL_DIR,
     CheckpointError,
     FORMAT_VERSION,
     check_contents,
@@ -41,12 +51,19 @@ from arra_ds.checkpoints import (
     verify,
 )
 from arra_ds.io import atomic_write, atomic_write_json, fsync_dir, fsync_tree
+from arra_ds.train.run_config import TrainConfig
 
 # Without a previous checkpoint to measure: fp32 master weights + Adam's two moments (4 B each) and
 # the module's own weights (up to 4 B) per parameter.
 BYTES_PER_PARAM_ESTIMATE = 16
+# The universal conversion holds the optimizer state twice at its peak (per-rank fragments, then the
+# merged tensors), on top of the checkpoint it reads.
+CONVERSION_SPACE_FACTOR = 2
 # Test hook: every rank kills itself with SIGKILL in the middle of writing this step's checkpoint.
 KILL_DURING_SAVE_ENV = "ARRA_DS_TEST_KILL_DURING_SAVE"
+# Test hook: rank 0 kills itself with SIGKILL after the universal conversion wrote its files, before
+# they are committed.
+KILL_DURING_CONVERSION_ENV = "ARRA_DS_TEST_KILL_DURING_CONVERSION"
 
 
 @dataclass
@@ -59,6 +76,46 @@ class TrainerState:
     truncated_overlong: int = 0  # data.overlong=truncate, summed over ranks
     loader: dict = field(default_factory=dict)  # StreamingDataLoader.state_dict()
     world_size: int = 1
+    global_batch_size: int = 0  # samples per update; 0 in checkpoints written before it was recorded
+
+
+def read_trainer_state(ckpt_dir: Path) -> TrainerState:
+    """The trainer state of a checkpoint (no engine needed: the run reads it before building the data)."""
+    state_path = Path(ckpt_dir) / TRAINER_STATE
+    try:
+        state = TrainerState(**json.loads(state_path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"cannot read trainer state {state_path}: {e}") from e
+    if not state.global_batch_size and state.step:
+        state.global_batch_size = state.samples_seen // state.step  # every update adds one global batch
+    return state
+
+
+def keep_global_batch(train: TrainConfig, resumed: TrainerState | None, world: int) -> None:
+    """Fix ``train.global_batch_size`` for this start (then the run config records it).
+
+    0 means micro batch x ranks of the run's first start: a resumed run keeps its checkpoint's global
+    batch whatever its own number of ranks (gradient accumulation fills the gap), so a job requeued on
+    another node count trains on. An explicit value is used as given.
+    """
+    if train.global_batch_size:
+        if resumed is not None and resumed.global_batch_size and resumed.global_batch_size != train.global_batch_size:
+            distributed.print0(
+                f"train.global_batch_size={train.global_batch_size}: the global batch changes from "
+                f"{resumed.global_batch_size} (the checkpoint's) at step {resumed.step}"
+            )
+        return
+    if resumed is not None and resumed.global_batch_size:
+        train.global_batch_size = resumed.global_batch_size
+        if train.global_batch_size % (train.micro_batch_size * world):
+            raise CheckpointError(
+                f"the checkpoint at step {resumed.step} trained with a global batch of {resumed.global_batch_size} "
+                f"samples, which is not a multiple of {world} ranks x train.micro_batch_size={train.micro_batch_size} = "
+                f"{world * train.micro_batch_size} samples per micro-step: pick a train.micro_batch_size that makes it "
+                "one, or set train.global_batch_size to change the global batch"
+            )
+        return
+    train.global_batch_size = train.micro_batch_size * world
 
 
 # ---- RNG states (per rank) --------------------------------------------------------------------
@@ -94,17 +151,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_checkpoint(engine, ckpt_dir: Path) -> TrainerState:
-    """Restore the engine, this rank's RNG states and the trainer state from ``ckpt_dir``."""
+def fresh_rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of a rank that a resumed checkpoint did not have: distinct per rank and resume step."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def load_checkpoint(engine, ckpt_dir: Path, seed: int = 0) -> TrainerState:
+    """Restore the engine, this rank's RNG states and the trainer state from ``ckpt_dir``.
+
+    Written by another number of ranks: through the checkpoint's universal form (``universal_form``).
+    ``seed`` (the run's) seeds the ranks the checkpoint did not have.
+    """
     ckpt_dir = Path(ckpt_dir)
     manifest = verify(ckpt_dir)
     world = distributed.world_size()
-    if manifest["world_size"] != world:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} was written by {manifest['world_size']} ranks, this run has {world}: ZeRO-3 "
-            "partitions the optimizer state per rank, so resume with the same number of ranks (or export the "
-            "weights with launch/export_hf.py and start a new run from them)"
-        )
+    saved_world = manifest["world_size"]
     problem = None
     try:
         check_contents(ckpt_dir, manifest, distributed.rank(), world)
@@ -112,31 +173,120 @@ def load_checkpoint(engine, ckpt_dir: Path) -> TrainerState:
         problem = e
     if distributed.any_rank(problem is not None):  # every rank stops, none waits in a collective
         raise problem or CheckpointError(f"checkpoint {ckpt_dir} has a corrupt file (named in another rank's error)")
+    load_root, universal = ckpt_dir.parent, False
+    if saved_world != world:
+        load_root, universal = universal_form(engine, ckpt_dir, manifest), True
     try:
-        engine.load(ckpt_dir.parent, ckpt_dir.name)
+        engine.load(load_root, ckpt_dir.name, universal=universal)
     except Exception as e:  # DeepSpeed's own errors do not always name the file
-        raise CheckpointError(f"cannot load the DeepSpeed state of checkpoint {ckpt_dir}: {type(e).__name__}: {e}") from e
-    rng_path = ckpt_dir / rng_file(distributed.rank())
+        what = f"the universal form {load_root} of " if universal else ""
+        raise CheckpointError(f"cannot load the DeepSpeed state of {what}checkpoint {ckpt_dir}: {type(e).__name__}: {e}") from e
+    state = read_trainer_state(ckpt_dir)
+    if distributed.rank() < saved_world:
+        rng_path = ckpt_dir / rng_file(distributed.rank())
+        try:
+            set_rng_state(torch.load(rng_path, weights_only=True))
+        except Exception as e:
+            raise CheckpointError(f"cannot read RNG state file {rng_path}: {type(e).__name__}: {e}") from e
+    else:
+        distributed.seed_everything(fresh_rank_seed(seed, distributed.rank(), state.step))
+    return state
+
+
+# ---- the universal form (elastic resume) ----------------------------------------------------------
+
+
+def _universal_is_complete(path: Path, manifest: dict) -> bool:
     try:
-        set_rng_state(torch.load(rng_path, weights_only=True))
-    except Exception as e:
-        raise CheckpointError(f"cannot read RNG state file {rng_path}: {type(e).__name__}: {e}") from e
-    state_path = ckpt_dir / TRAINER_STATE
+        universal = verify(path)
+    except CheckpointError:
+        return False
+    return universal["step"] == manifest["step"] and universal["world_size"] == manifest["world_size"]
+
+
+def _ensure_space_for_conversion(ckpt_dir: Path, manifest: dict) -> None:
+    needed = CONVERSION_SPACE_FACTOR * sum(manifest["files"].values())
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < needed:
+        raise CheckpointError(
+            f"not enough disk space to convert checkpoint {ckpt_dir} for another number of ranks: DeepSpeed's "
+            f"universal conversion needs about {needed / 2**30:.2f} GiB ({needed:,} bytes, {CONVERSION_SPACE_FACTOR}x "
+            f"the checkpoint), {free / 2**30:.2f} GiB ({free:,} bytes) are free. Free space, or resume with "
+            f"{manifest['world_size']} ranks (no conversion)"
+        )
+
+
+def _convert(engine, ckpt_dir: Path, manifest: dict, target: Path) -> None:
+    """Rank 0: DeepSpeed's converter into ``target.partial``, a manifest, then the rename to ``target``."""
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    shutil.rmtree(partial, ignore_errors=True)  # an interrupted conversion: start over
+    shutil.rmtree(target, ignore_errors=True)  # incomplete or of another checkpoint (cannot happen by rename)
+    _ensure_space_for_conversion(ckpt_dir, manifest)
+    print(
+        f"checkpoint {ckpt_dir} was written by {manifest['world_size']} ranks, this run has "
+        f"{distributed.world_size()}: converting it to DeepSpeed's universal form in {target} (once; kept with "
+        "the checkpoint)",
+        flush=True,
+    )
+    start = time.perf_counter()
+    partial.mkdir()
     try:
-        return TrainerState(**json.loads(state_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"cannot read trainer state {state_path}: {e}") from e
+        engine.to_universal(ckpt_dir, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed conversion leaves nothing behind
+        raise
+    if os.environ.get(KILL_DURING_CONVERSION_ENV):
+        os.kill(os.getpid(), signal.SIGKILL)
+    files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+    universal_manifest = {
+        "format": FORMAT_VERSION,
+        "step": manifest["step"],
+        "world_size": manifest["world_size"],  # of the checkpoint it was converted from
+        "converted_at": time.time(),
+        "files": files,
+    }
+    atomic_write(partial / MANIFEST, json.dumps(universal_manifest, indent=1), durable=True)
+    fsync_tree(partial)
+    partial.rename(target)
+    fsync_dir(ckpt_dir)
+    print(f"converted {ckpt_dir.name} in {time.perf_counter() - start:.1f}s", flush=True)
+
+
+def universal_form(engine, ckpt_dir: Path, manifest: dict) -> Path:
+    """The directory holding DeepSpeed's universal form of ``ckpt_dir`` (``<tag>/universal``, with the
+    converted ``<tag>`` in it), converted by rank 0 on first use; every rank returns it."""
+    ckpt_dir = Path(ckpt_dir)
+    target = ckpt_dir / UNIVERSAL_DIR
+    problem = None
+    if distributed.is_rank0() and not _universal_is_complete(target, manifest):
+        try:
+            _convert(engine, ckpt_dir, manifest, target)
+        except CheckpointError as e:
+            problem = e
+        except Exception as e:  # the converter's own errors do not name the checkpoint
+            problem = CheckpointError(
+                f"cannot convert checkpoint {ckpt_dir} ({manifest['world_size']} ranks) to DeepSpeed's universal form "
+                f"for {distributed.world_size()} ranks: {type(e).__name__}: {e}"
+            )
+            problem.__cause__ = e
+    if distributed.any_rank(problem is not None):  # the other ranks wait here while rank 0 converts
+        raise problem or CheckpointError(f"the universal conversion of {ckpt_dir} failed on rank 0 (see its error)")
+    return target
 
 
 # ---- writing --------------------------------------------------------------------------------------
 
 
 def clean_interrupted(root: Path) -> list[str]:
-    """At start, on rank 0: drop ``*.partial`` dirs; restore a ``*.replaced`` dir whose successor is gone."""
+    """At start, on rank 0: drop ``*.partial`` dirs (saves, and universal conversions inside a checkpoint);
+    restore a ``*.replaced`` dir whose successor is gone."""
     root = Path(root)
     removed = []
     if not root.is_dir():
         return removed
+    for path in root.glob(f"*/{UNIVERSAL_DIR}{PARTIAL_SUFFIX}"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(str(path.relative_to(root)))
     for path in root.iterdir():
         if path.name.endswith(PARTIAL_SUFFIX):
             shutil.rmtree(path, ignore_errors=True)

@@ -3,31 +3,38 @@ the engine wrapper the training loop drives, and checkpoint save/load.
 
 Model code stays single-device; this module supplies the ZeRO-3 pieces it needs:
 ``HfDeepSpeedConfig`` kept alive while the backbone is built (so ``transformers`` constructs it inside
-``zero.Init`` and no rank materialises the full model) and ``GatheredParameters`` for the few
-weight edits that need a whole tensor.
+``zero.Init`` and no rank materialises the full model), ``zero.Init`` itself for a plain ``nn.Module``
+backbone (LlamaGen; model code enters it through the ``partitioned`` hook) and ``GatheredParameters``
+for the few weight edits that need a whole tensor.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any, ContextManager, Iterable
 
 import deepspeed
 import torch
+from deepspeed.checkpoint import ds_to_universal
 from transformers.integrations import HfDeepSpeedConfig
 
 from arra_ds import distributed
 from arra_ds.errors import UserError
 from arra_ds.model.arra import AlignConfig, ARRAModel, ARRAOutput, build_model
 from arra_ds.model.backbone import ModelConfig, no_gather
+from arra_ds.model.interface import no_partitioning
 from arra_ds.train.run_config import TrainConfig
 from arra_ds.train.optim import OptimConfig, param_groups
 
 AUTO = "auto"
+# ds_config["checkpoint"][LOAD_UNIVERSAL_KEY]: DeepSpeed's switch for loading a universal checkpoint.
+LOAD_UNIVERSAL_KEY = "load_universal"
 
 
 class DSConfigError(UserError, ValueError):
@@ -43,6 +50,11 @@ def init_distributed() -> None:
         # (import_module: the package attribute deepspeed.comm.torch is the torch module itself)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     distributed.init_process_group(even_alone=True)
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator counts its devices as the LOCAL_SIZE that its own launcher exports;
+        # without it (python launch/train.py, torchrun) it runs `numactl --hardware` in a subprocess at
+        # every gradient reduce-scatter (~44 forks per step of the demo run).
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
@@ -85,9 +97,24 @@ def fill_ds_config(ds_config: dict, train: TrainConfig, optim: OptimConfig, worl
     dtype = distributed.compute_dtype(train.precision)
     bf16 = ds.setdefault("bf16", {})
     _fill(bf16, "enabled", dtype == torch.bfloat16, "bf16", "train.precision")
+    bf16_master = optim.master_weights == "bf16"
+    if bf16_master and (dtype != torch.bfloat16 or zero_stage(ds) < 1):
+        raise DSConfigError(
+            "optim.master_weights=bf16 keeps DeepSpeed's master weights and AdamW states in bf16; it needs "
+            "train.precision=bf16 and a ZeRO stage >= 1 ds_config (e.g. ds_configs/zero3.json)"
+        )
+    for key in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
+        if bf16_master or key in bf16:
+            _fill(bf16, key, bf16_master, "bf16", "optim.master_weights")
     if ds.get("fp16", {}).get("enabled") not in (None, False, AUTO):
         raise DSConfigError("fp16 is not supported (Chameleon trains in bf16); set fp16.enabled=false, use bf16")
     ds.setdefault("fp16", {})["enabled"] = False
+    if ds.get("checkpoint", {}).get(LOAD_UNIVERSAL_KEY) not in (None, False):
+        raise DSConfigError(
+            f"ds_config checkpoint.{LOAD_UNIVERSAL_KEY} is set, but arra_ds decides it per resume: a checkpoint "
+            "written by another number of ranks is converted to DeepSpeed's universal form and loaded as such, "
+            f"one written by the same number is loaded directly; remove checkpoint.{LOAD_UNIVERSAL_KEY}"
+        )
     if "scheduler" in ds:
         raise DSConfigError(
             "ds_config has a 'scheduler' section, but the learning rate is driven by optim.* of the run "
@@ -154,6 +181,11 @@ def _gather_for_edit(params):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
 
 
+def _partitioned_construction(ds_config: dict):
+    """ZeRO-3: a context factory in which modules are built with their parameters partitioned over the ranks."""
+    return lambda: deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
 class Engine:
     """The DeepSpeed engine behind a small interface the loop needs (forward/backward/step/save)."""
 
@@ -164,10 +196,13 @@ class Engine:
         zero3 = zero_stage(ds_config) == 3
         # Must stay referenced while the model is built: transformers reads it through a weakref.
         hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
-        model = build_model(model_cfg, align_cfg, dtype=dtype, gather=_gather_for_edit if zero3 else no_gather)
+        model = build_model(
+            model_cfg, align_cfg, dtype=dtype, gather=_gather_for_edit if zero3 else no_gather,
+            partitioned=_partitioned_construction(ds_config) if zero3 else no_partitioning,
+        )
         del hf_ds_config
 
-        groups = param_groups(model, optim_cfg.weight_decay)
+        groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_params)
         optimizer = None
         # On CPU without offload DeepSpeed would JIT-compile its C++ Adam; torch's AdamW is the same
         # update and needs no compiler. With a GPU (FusedAdam) or ZeRO-Offload (CPUAdam) DeepSpeed builds it.
@@ -227,10 +262,77 @@ class Engine:
         """Every rank writes its partition into ``ckpt_root/tag``; ``latest`` is the caller's job."""
         self.engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
 
-    def load(self, ckpt_root: str | Path, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(str(ckpt_root), tag=tag)
+    @staticmethod
+    def to_universal(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
+        """DeepSpeed's universal form of a checkpoint of any number of ranks (``convert_to_universal``)."""
+        return convert_to_universal(checkpoint_dir, output_dir)
+
+    def load(self, ckpt_root: str | Path, tag: str, universal: bool = False) -> None:
+        """Restore ``ckpt_root/tag``: a checkpoint of this engine's own layout (same number of ranks), or,
+        with ``universal``, DeepSpeed's universal form of one (``convert_to_universal``) written by any
+        number of ranks, which DeepSpeed repartitions over this run's ranks, optimizer state included."""
+        # DeepSpeed reads this switch only while loading (engine.load_universal_checkpoint()); whether a
+        # load is universal depends on the checkpoint, not on the run, so it is set for this call only.
+        config = self.engine._config
+        was_universal = config.load_universal_checkpoint
+        weight_decays = [group["weight_decay"] for group in self.optimizer.param_groups]  # per group (optim.py)
+        config.load_universal_checkpoint = universal
+        try:
+            path, _ = self.engine.load_checkpoint(str(ckpt_root), tag=tag)
+        finally:
+            config.load_universal_checkpoint = was_universal
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no model states for {Path(ckpt_root) / tag}")
+        if universal:
+            self._repair_after_universal_load(weight_decays)
+
+    def _repair_after_universal_load(self, weight_decays: list[float]) -> None:
+        """Undo two shortcuts of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
+        ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``):
+
+        - it copies the hyper-parameters of parameter group 0 into every group, which would give the
+          no-decay group (norms, biases) group 0's weight decay: each group gets its own back, as the
+          run config sets it (the learning rate is set before every step anyway; betas and eps are
+          the same in every group);
+        - it stores one and the same ``step`` tensor in the state of every parameter partition, and
+          torch's Adam increments ``step`` in place, once per partition, so with G groups the bias
+          correction would advance G steps per update: each partition gets its own copy (DeepSpeed's
+          own Adam kernels keep ``step`` as a Python int, which is never shared).
+        """
+        for group, weight_decay in zip(self.optimizer.param_groups, weight_decays):
+            group["weight_decay"] = weight_decay
+        if zero_stage(self.ds_config) != 3:
+            return
+        base_state = self.optimizer.optimizer.state
+        for flat in self.optimizer.fp32_partitioned_groups_flat:
+            state = base_state.get(flat)
+            if state is not None and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def num_parameters(self) -> int:
         return self.model.num_parameters()
+
+
+def convert_to_universal(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
+    """Convert the DeepSpeed checkpoint ``checkpoint_dir`` (any ZeRO stage, any number of ranks) with
+    DeepSpeed's own converter (``deepspeed.checkpoint.ds_to_universal``) into ``output_dir``, which
+    then holds ``<checkpoint_dir.name>/`` (per parameter: fp32 weights, Adam's two moments) and
+    ``latest_universal``; returns the converted tag directory. Needs no process group.
+
+    Runs in this process, one worker: a process pool forked from a rank that holds a process group
+    (and possibly a CUDA context) is not safe. It reads and writes the optimizer state about twice.
+    """
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    converted = output_dir / checkpoint_dir.name
+    args = argparse.Namespace(
+        input_folder=str(checkpoint_dir),
+        output_folder=str(converted),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # ZeRO-1/2 checkpoints of a plain model carry no universal-checkpoint info; ZeRO-3 needs none
+        inject_missing_state=True,
+    )
+    ds_to_universal.main(args)
+    return converted

@@ -8,9 +8,13 @@ safetensors shards, tokenizer files) that stock ``transformers`` loads with ``fr
 Parameter names: ``ARRAModel`` holds the backbone under ``backbone.``, whose names are exactly
 Hugging Face's (``model.embed_tokens.weight``, ``model.layers.N...``, ``lm_head.weight``), so the
 prefix is stripped and nothing is renamed. The VQ image tokenizer (``model.vqmodel.*``) is not
-trained; its weights are copied from the source checkpoint when it has them (the debug model and
-Chameleon-7B/Lumina-mGPT directories without them leave it to ``from_pretrained``'s
-initialisation, and image decoding uses the separate VQGAN checkpoint).
+trained; its weights are copied from the source checkpoint when it has them. The debug model's tiny
+``vqmodel`` exists only because every Chameleon has one: the export holds its seeded initial weights,
+so stock ``from_pretrained`` finds every tensor it expects and initialises (and warns about) none.
+(Chameleon-7B / Lumina-mGPT directories without VQ weights leave them to ``from_pretrained``.)
+Images are tokenised and decoded with the VQGAN the data was pre-tokenised with: the run's data
+record (``arra_data.json``, which names it) is copied into the export, so generation from the export
+needs no more arguments than generation from the run.
 """
 
 from __future__ import annotations
@@ -21,20 +25,30 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import ChameleonForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedTokenizerFast
+from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
-from arra_ds.checkpoints import CheckpointError, read_trained_backbone
+from arra_ds.checkpoints import RUN_DATA_FILE, CheckpointError, read_trained_backbone
 from arra_ds.model.backbone import ModelConfig, backbone_config
 from arra_ds.tokens.vocab import BOS, EOS, PAD, build_debug_tokenizer
 from arra_ds.tokens.vqgan import HF_VQ_PREFIX
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+DEBUG_VQ_SEED = 0
 
 
-def source_vq_weights(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def debug_vq_weights(hf_config: ChameleonConfig) -> dict[str, torch.Tensor]:
+    """``model.vqmodel.*`` of the debug model: the tiny VQ of its config, initialised from a fixed seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEBUG_VQ_SEED)
+        vqmodel = ChameleonVQVAE(hf_config.vq_config)
+    return {f"{HF_VQ_PREFIX}{name}": tensor.detach().contiguous() for name, tensor in vqmodel.state_dict().items()}
+
+
+def source_vq_weights(model_cfg: ModelConfig, hf_config: ChameleonConfig) -> dict[str, torch.Tensor]:
     """``model.vqmodel.*`` tensors of the source checkpoint's safetensors files (empty if it has none)."""
     if model_cfg.source == "debug":
-        return {}
+        return debug_vq_weights(hf_config)
     tensors = {}
     for path in sorted(Path(model_cfg.path).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -71,7 +85,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
     trained = read_trained_backbone(checkpoint, dtype)
     ref, model_cfg, backbone, dropped = trained.ref, trained.model_cfg, trained.state_dict, trained.dropped
     hf_config = backbone_config(model_cfg)
-    vq = {k: (v.to(dtype) if dtype is not None else v) for k, v in source_vq_weights(model_cfg).items()}
+    vq = {k: (v.to(dtype) if dtype is not None else v) for k, v in source_vq_weights(model_cfg, hf_config).items()}
     backbone.update(vq)
 
     with torch.device("meta"):
@@ -91,14 +105,21 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
     skeleton.config = hf_config
     skeleton.save_pretrained(str(out_dir), state_dict=backbone, safe_serialization=True, max_shard_size="5GB")
     tokenizer_files = _write_tokenizer(model_cfg, out_dir)
+    data_record = ref.run_dir / RUN_DATA_FILE
+    if data_record.is_file():
+        shutil.copy2(data_record, out_dir / RUN_DATA_FILE)
     summary = {
         "checkpoint": str(ref.path),
         "step": ref.step,
         "parameters": int(sum(t.numel() for t in backbone.values())),
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
         "dropped": dropped,
-        "vq_weights": "copied from the source checkpoint" if vq else "not included (from_pretrained initialises them)",
+        "vq_weights": (
+            "the debug model's tiny vqmodel (seeded initial weights)" if model_cfg.source == "debug"
+            else "copied from the source checkpoint" if vq else "not included (from_pretrained initialises them)"
+        ),
         "tokenizer": tokenizer_files,
+        "data_record": RUN_DATA_FILE if data_record.is_file() else None,
     }
     (out_dir / "arra_export.json").write_text(json.dumps(summary, indent=2))
     return summary

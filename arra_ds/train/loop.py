@@ -4,7 +4,10 @@ One "step" is one optimizer update = ``grad_accum_steps`` micro-batches per rank
 are ``step_<n>`` where n updates are done; ``train.resume=auto`` continues from ``checkpoints/latest``
 (see ``arra_ds/train/checkpoint.py`` for the atomic layout). A resumed run restores the engine, the
 streaming loader position, every rank's RNG states and the counters, so from the checkpoint on its
-``metrics.jsonl`` equals the uninterrupted run's and it sees every sample exactly once per epoch.
+``metrics.jsonl`` equals the uninterrupted run's and it sees every sample exactly once per epoch. On
+another number of ranks it resumes too (through DeepSpeed's universal checkpoint form), keeping the
+checkpoint's global batch and canonical node count (the global sample order); only per-rank RNG
+streams cannot carry over, so it matches the uninterrupted run up to fp32 summation order and dropout.
 
 SIGTERM/SIGUSR1 (``arra_ds/train/preemption.py``) end the run at the next step boundary with a
 checkpoint; ``run_training`` then returns a summary with ``preempted: true`` and the launcher exits
@@ -13,7 +16,6 @@ with ``REQUEUE_EXIT_CODE``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -31,21 +33,22 @@ from arra_ds.data.loader import (
     build_dataset,
     feature_dim_of,
     remove_stale_shared_memory,
+    resolve_canonical_nodes,
     resolve_feature_dim,
     streaming_location,
 )
 from arra_ds.demo.config import DemoDataConfig
 from arra_ds.demo.dataset import demo_dir, write_demo_dataset
 from arra_ds.errors import UserError
-from arra_ds.eval.train_eval import TrainEvaluator
+from arra_ds.eval.train_eval import build_train_evaluator
 from arra_ds.io import atomic_write_json
 from arra_ds.model.arra import ARRAModel
-from arra_ds.model.backbone import ModelConfig
 from arra_ds.train import checkpoint as ckpt
+from arra_ds.train.data_record import describe_training_data, write_data_record
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config
 from arra_ds.train.flops import peak_flops
 from arra_ds.train.metrics import MetricsLogger
-from arra_ds.train.optim import lr_at
+from arra_ds.train.optim import lr_at, steps_per_epoch
 from arra_ds.train.preemption import PreemptionWatcher
 from arra_ds.train.run_config import RunConfig
 from arra_ds.train.sample_log import SampleLog
@@ -91,12 +94,6 @@ def resolve_data_path(data: DataConfig, demo: DemoDataConfig, seed: int) -> str:
     return str(location)
 
 
-def backbone_hidden_size(model: ModelConfig) -> int:
-    if model.source == "debug":
-        return model.debug.hidden_size
-    return int(json.loads((Path(model.path) / "config.json").read_text())["hidden_size"])
-
-
 def run_training(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     """Train per ``cfg`` (a validated RunConfig) with the DeepSpeed JSON at ``ds_config_path``."""
     init_distributed()
@@ -112,17 +109,28 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     run_dir = Path(cfg.output_dir)
     ckpt_root = run_dir / CHECKPOINTS_DIR
     micro = cfg.train.micro_batch_size
+
+    # ---- the checkpoint to resume: it fixes the global batch and the sample order ------------------
+    if is_rank0:
+        interrupted = ckpt.clean_interrupted(ckpt_root)
+        if interrupted:
+            print(f"removed interrupted checkpoint saves {interrupted} from {ckpt_root}", flush=True)
+    distributed.barrier()
+    resume_dir = resolve_resume(cfg.train.resume, ckpt_root)
+    resumed = ckpt.read_trainer_state(resume_dir) if resume_dir is not None else None
+    ckpt.keep_global_batch(cfg.train, resumed, world)  # the run config records what this start uses
+    cfg.data.num_canonical_nodes = resolve_canonical_nodes(cfg.data, resumed.loader if resumed else None)
     accum = cfg.train.grad_accum_steps(world)
 
     # ---- data (D comes from it) -----------------------------------------------------------------
     remote, local = streaming_location(cfg.data, resolve_data_path(cfg.data, cfg.demo, cfg.seed))
     feature_column = cfg.align.feature_column if cfg.align.enabled else None
-    dataset = build_dataset(cfg.data, micro, cfg.seed, feature_column, remote, local)
+    dataset = build_dataset(cfg.data, micro, cfg.seed, feature_column, remote, local, cfg.model.class_conditional)
     if cfg.align.enabled:
         cfg.align.feature_dim = resolve_feature_dim(cfg.align, feature_dim_of(dataset, feature_column))
         dataset.converter.feature_dim = cfg.align.feature_dim  # every later sample must have this width
 
-    ds_config = fill_ds_config(load_ds_config(ds_config_path), cfg.train, cfg.optim, world, backbone_hidden_size(cfg.model))
+    ds_config = fill_ds_config(load_ds_config(ds_config_path), cfg.train, cfg.optim, world, cfg.model.hidden_size())
     if is_rank0:
         save_config(cfg, run_dir / RUN_CONFIG_FILE)
         atomic_write_json(run_dir / "ds_config.json", ds_config)
@@ -133,34 +141,40 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     engine = Engine(cfg.model, cfg.align, cfg.optim, ds_config)  # identical initialisation on every rank
     model: ARRAModel = engine.model
     distributed.seed_everything(distributed.rank_seed(cfg.seed))  # then each rank draws its own dropout masks
-    loader = build_dataloader(dataset, cfg.data, micro, model.vocab.pad_id, cfg.seed)
+    loader = build_dataloader(dataset, cfg.data, micro, model.pad_id, cfg.seed)
+    # what generation and evaluation need to know about the data (image grid, VQGAN, held-out prompts)
+    data_record = describe_training_data(cfg.data.path, cfg.data.is_demo, local, dataset, model.vocab, cfg.align.encoder)
+    if is_rank0:
+        write_data_record(run_dir, data_record)
 
     # ---- resume -------------------------------------------------------------------------------
-    if is_rank0:
-        interrupted = ckpt.clean_interrupted(ckpt_root)
-        if interrupted:
-            print(f"removed interrupted checkpoint saves {interrupted} from {ckpt_root}", flush=True)
-    distributed.barrier()
-    state = ckpt.TrainerState(world_size=world)
-    resume_dir = resolve_resume(cfg.train.resume, ckpt_root)
+    state = ckpt.TrainerState()
     if resume_dir is not None:
-        state = ckpt.load_checkpoint(engine, resume_dir)
+        state = ckpt.load_checkpoint(engine, resume_dir, cfg.seed)
         loader.load_state_dict(state.loader)
-        distributed.print0(f"resumed from {resume_dir} at step {state.step} ({state.samples_seen} samples seen)")
+        elastic = f" on {world} rank(s), written by {state.world_size}" if state.world_size != world else ""
+        distributed.print0(f"resumed from {resume_dir} at step {state.step} ({state.samples_seen} samples seen){elastic}")
     elif cfg.train.resume == "auto":
         distributed.print0(f"train.resume=auto: no checkpoint in {ckpt_root}, starting fresh")
+    state.world_size, state.global_batch_size = world, cfg.train.global_batch_size  # what the next save records
     start_step = state.step
     ckpt.ensure_disk_space(ckpt_root, engine.num_parameters())
 
     resume_step = start_step if resume_dir is not None else None
     logger = MetricsLogger(run_dir, is_rank0, cfg.train.tensorboard, resume_step=resume_step)
-    sample_log = SampleLog(run_dir, distributed.rank(), cfg.train.log_samples, resume_step)
+    sample_log = SampleLog(run_dir, distributed.rank(), cfg.train.log_samples, resume_step, world)
     evaluator = None
     if cfg.train.eval_every:
-        evaluator = TrainEvaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, source=local)
+        evaluator = build_train_evaluator(cfg.eval, dataset, model.vocab, run_dir, engine.device, local, data_record)
     peak = peak_flops()
     flops_per_token = model.flops_per_token(cfg.data.max_seq_len) if peak else None
     global_batch = micro * accum * world
+    epoch_steps = steps_per_epoch(dataset.size, global_batch)  # for optim.warmup_epochs
+    if cfg.optim.warmup_epochs:
+        distributed.print0(
+            f"optim.warmup_epochs={cfg.optim.warmup_epochs}: {cfg.optim.resolved_warmup_steps(epoch_steps)} warm-up steps "
+            f"({dataset.size} samples / global batch {global_batch} = {epoch_steps} steps per epoch)"
+        )
     engine.train()
     batches = _batches(loader)
     progress = tqdm(
@@ -173,7 +187,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
     run_start = time.perf_counter()
     try:
         for step in range(start_step, cfg.train.max_steps):
-            lr = lr_at(step, cfg.train.max_steps, cfg.optim)
+            lr = lr_at(step, cfg.train.max_steps, cfg.optim, epoch_steps)
             engine.set_lr(lr)
             step_start = time.perf_counter()
             totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
@@ -249,7 +263,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, watcher: PreemptionWatche
                 signal_name = watcher.received.name if watcher.received else "a signal on another rank"
                 distributed.print0(f"preempted by {signal_name}: checkpoint {last_saved} written at step {done}; exiting for requeue")
                 break
-            if evaluator is not None and done % cfg.train.eval_every == 0:
+            if evaluator is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
                 evaluator.log(engine, done, logger)
     finally:
         progress.close()

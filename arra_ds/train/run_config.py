@@ -36,7 +36,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "debug.yaml"
 class TrainConfig:
     max_steps: int = 200
     micro_batch_size: int = 8  # per rank
-    global_batch_size: int = 0  # samples per optimizer step over all ranks; 0 = micro * world
+    global_batch_size: int = 0  # samples per optimizer step over all ranks; 0 = micro * ranks of the first start
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on preemption)
@@ -85,6 +85,8 @@ class RunConfig:
     def validate(self) -> None:
         for section in (self.model, self.align, self.data, self.optim, self.train):
             section.validate()
+        if self.model.class_conditional:
+            self._check_class_conditional()
         if self.train.eval_every:
             self.eval.validate()
         if self.data.is_demo:  # the demo data must fit the model's vocabulary and the align encoder
@@ -100,6 +102,19 @@ class RunConfig:
             raise ConfigError(
                 f"data.max_seq_len={self.data.max_seq_len} exceeds the backbone's max_position_embeddings="
                 f"{self.model.max_positions()}; lower data.max_seq_len"
+            )
+
+    def _check_class_conditional(self) -> None:
+        """What a class-conditional backbone (model.source=llamagen) cannot do."""
+        if self.align.enabled and self.align.target == "rep":
+            raise ConfigError(
+                "align.target=rep aligns the image-start token, which a class-to-image sequence ([class] codes) has "
+                "not; use align.target=hybnext (every position: each one predicts an image code)"
+            )
+        if self.train.eval_every:
+            raise ConfigError(
+                "train.eval_every > 0: the in-training evaluation samples text prompts; for model.source=llamagen "
+                "evaluate saved checkpoints with launch/eval_c2i.py and set train.eval_every=0"
             )
 
 

@@ -1,4 +1,8 @@
-"""Settings of a pre-tokenization run and the names of the files it writes (see ``run.py``)."""
+"""Settings of a pre-tokenization run and the names of the files it writes (see ``run.py``).
+
+``PretokenizeRunConfig`` holds what every run has; ``PretokenizeConfig`` (conversation JSON, text-to-image)
+and ``ImageFolderConfig`` (``imagefolder.py``, class-to-image) add what their input needs.
+"""
 
 from __future__ import annotations
 
@@ -20,21 +24,17 @@ class PretokenizeError(UserError, RuntimeError):
 
 
 @dataclass
-class PretokenizeConfig:
-    input: str = ""  # conversation JSON (a list of items)
+class PretokenizeRunConfig:
+    """Settings of every pre-tokenization run: where it reads and writes, the feature encoders, and how
+    the work is split, batched and written (``run.py``). Each input kind adds its own fields."""
+
+    input: str = ""  # what to pre-tokenise (each input kind says what it reads)
     out_dir: str = ""
-    tokenizer: str = ""  # Chameleon text_tokenizer.json (a `tokenizers` JSON)
-    vqgan_yaml: str = ""  # original Chameleon tokenizer: vqgan.yaml + vqgan.ckpt ...
-    vqgan_ckpt: str = ""
-    vqgan_hf: str = ""  # ... or a Hugging Face Chameleon checkpoint dir (model.vqmodel.*)
     # feature encoders: "preset[:aggregation][=local path]" (e.g. "biomedclip=/models/BiomedCLIP", see
     # arra_ds.data.features.PRESETS) or a full EncoderSpec mapping
     encoders: list[EncoderSpec | str] = field(default_factory=list)
-    image: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
-    image_root: str = ""  # relative image paths are relative to this ("" = the JSON file's directory)
     min_image_size: int = 64  # images whose shorter side is below this are skipped
-    max_seq_len: int = 0  # > 0: samples with more tokens are skipped
-    batch_size: int = 16  # images per VQGAN / encoder forward pass
+    batch_size: int = 16  # images per VQ tokenizer / encoder forward pass
     num_workers: int = 4  # DataLoader workers per process (image decoding and preprocessing)
     num_procs: int = 1  # local processes, each with its own parts (one per GPU, or CPU processes)
     rank: int = 0  # this process's index when an external launcher starts the processes
@@ -42,23 +42,13 @@ class PretokenizeConfig:
     items_per_part: int = 2048  # resume unit; each part is one MDS directory
     shard_size_limit: int = 1 << 26  # bytes per MDS shard
     device: str = "auto"  # auto: cuda:<rank % gpus> when CUDA is available, else cpu
-    dtype: Literal["fp32", "bf16"] = "fp32"  # VQGAN and encoder weights (bf16 only on CUDA)
-    channels_last: bool = False  # NHWC VQGAN convs: ~2x faster; codes may differ at exact distance ties
+    dtype: Literal["fp32", "bf16"] = "fp32"  # VQ tokenizer and encoder weights (bf16 only on CUDA)
     progress: bool = True
 
-    def validate(self) -> None:
-        if not self.input or not Path(self.input).is_file():
-            raise ConfigError(f"input={self.input!r}: the conversation JSON file does not exist")
+    def validate_run(self) -> None:
+        """The checks of the shared fields (each input kind's ``validate`` calls it)."""
         if not self.out_dir:
             raise ConfigError("out_dir is empty: set the output directory for the MDS shards")
-        if not self.tokenizer or not Path(self.tokenizer).is_file():
-            raise ConfigError(f"tokenizer={self.tokenizer!r}: pass the local text_tokenizer.json of the checkpoint")
-        original = bool(self.vqgan_yaml or self.vqgan_ckpt)
-        if original == bool(self.vqgan_hf):
-            raise ConfigError("set either vqgan_yaml + vqgan_ckpt (original Chameleon tokenizer) or vqgan_hf (HF checkpoint dir)")
-        if original and not (self.vqgan_yaml and self.vqgan_ckpt):
-            raise ConfigError("vqgan_yaml and vqgan_ckpt go together (Chameleon's tokenizer/vqgan.yaml + vqgan.ckpt)")
-        self.image.validate()
         self.encoders = [parse_encoder_arg(spec) if isinstance(spec, str) else spec for spec in self.encoders]
         for spec in self.encoders:
             spec.validate()
@@ -67,12 +57,53 @@ class PretokenizeConfig:
             raise ConfigError(f"encoders {names}: each feature column feat_<name> may appear once")
         if min(self.batch_size, self.items_per_part, self.num_procs, self.world_size, self.shard_size_limit) < 1:
             raise ConfigError("batch_size, items_per_part, num_procs, world_size and shard_size_limit must be >= 1")
-        if self.num_workers < 0 or self.min_image_size < 0 or self.max_seq_len < 0:
-            raise ConfigError("num_workers, min_image_size and max_seq_len must be >= 0")
+        if self.num_workers < 0 or self.min_image_size < 0:
+            raise ConfigError("num_workers and min_image_size must be >= 0")
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank={self.rank} must be in [0, world_size={self.world_size})")
         if self.num_procs > 1 and self.world_size > 1:
             raise ConfigError("use num_procs (local spawn) or rank/world_size (external launcher), not both")
+
+    def run_content_key(self) -> dict:
+        """The shared settings that change the written samples (part of each input kind's ``content_key``)."""
+        return {
+            "encoders": [asdict(s) for s in self.encoders],
+            "min_image_size": self.min_image_size,
+            "items_per_part": self.items_per_part,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass
+class PretokenizeConfig(PretokenizeRunConfig):
+    """Text-to-image pre-tokenization: ``input`` is a conversation JSON (a list of items)."""
+
+    tokenizer: str = ""  # Chameleon text_tokenizer.json (a `tokenizers` JSON)
+    vqgan_yaml: str = ""  # original Chameleon tokenizer: vqgan.yaml + vqgan.ckpt ...
+    vqgan_ckpt: str = ""
+    vqgan_hf: str = ""  # ... or a Hugging Face Chameleon checkpoint dir (model.vqmodel.*)
+    image: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
+    # true: the assistant turn opens with <REP> (<reserved08795>), the data of the reference's `rep`
+    # alignment ablation (train with align.target=rep); false: Lumina-mGPT's layout
+    rep_token: bool = False
+    image_root: str = ""  # relative image paths are relative to this ("" = the JSON file's directory)
+    max_seq_len: int = 0  # > 0: samples with more tokens are skipped
+    channels_last: bool = False  # NHWC VQGAN convs: ~2x faster; codes may differ at exact distance ties
+
+    def validate(self) -> None:
+        if not self.input or not Path(self.input).is_file():
+            raise ConfigError(f"input={self.input!r}: the conversation JSON file does not exist")
+        self.validate_run()
+        if not self.tokenizer or not Path(self.tokenizer).is_file():
+            raise ConfigError(f"tokenizer={self.tokenizer!r}: pass the local text_tokenizer.json of the checkpoint")
+        original = bool(self.vqgan_yaml or self.vqgan_ckpt)
+        if original == bool(self.vqgan_hf):
+            raise ConfigError("set either vqgan_yaml + vqgan_ckpt (original Chameleon tokenizer) or vqgan_hf (HF checkpoint dir)")
+        if original and not (self.vqgan_yaml and self.vqgan_ckpt):
+            raise ConfigError("vqgan_yaml and vqgan_ckpt go together (Chameleon's tokenizer/vqgan.yaml + vqgan.ckpt)")
+        self.image.validate()
+        if self.max_seq_len < 0:
+            raise ConfigError("max_seq_len must be >= 0")
 
     def content_key(self) -> dict:
         """Settings that change the written samples; a resumed run must use the same ones."""
@@ -83,14 +114,11 @@ class PretokenizeConfig:
             "input_mtime_ns": stat.st_mtime_ns,
             "tokenizer": str(Path(self.tokenizer).resolve()),
             "vqgan": [str(Path(p).resolve()) if p else "" for p in (self.vqgan_yaml, self.vqgan_ckpt, self.vqgan_hf)],
-            "encoders": [asdict(s) for s in self.encoders],
             "image": asdict(self.image),
             "image_root": self.image_root,
-            "min_image_size": self.min_image_size,
             "max_seq_len": self.max_seq_len,
-            "items_per_part": self.items_per_part,
-            "dtype": self.dtype,
             "channels_last": self.channels_last,
+            # only when set: runs started before the key existed keep resuming
+            **({"rep_token": True} if self.rep_token else {}),
+            **self.run_content_key(),
         }
-
-

@@ -9,8 +9,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from arra_ds.data.images import VQImagePreprocessor
+from arra_ds.data.pretokenize.config import PretokenizeError
 from arra_ds.tokens.conversation import ASSISTANT_ROLES, HUMAN_ROLES, ConversationError, ConversationTokenizer
 from arra_ds.tokens.layout import IMAGE_PLACEHOLDER
+from arra_ds.tokens.vocab import REP_TOKEN
 
 
 class BadItem(Exception):
@@ -74,10 +76,21 @@ def open_image(path: Path, min_size: int) -> Image.Image:
 
 
 class ItemDataset(Dataset):
-    """(index, raw item) -> a checked, preprocessed record, or a bad-item record. Never raises."""
+    """(index, raw item) -> a checked, preprocessed record, or a bad-item record. Never raises.
+
+    ``rep_token``: the answer text is prefixed with <REP> (<reserved08795>) before tokenisation, exactly as
+    the ARRA reference's `rep` ablation does (``xllmx/data/item_processor_new.py``).
+    """
 
     def __init__(self, items: list[tuple[int, Any]], conversation_tokenizer: ConversationTokenizer,
-                 vq_preprocess: VQImagePreprocessor, encoder_preprocess: dict, image_root: Path, min_image_size: int):
+                 vq_preprocess: VQImagePreprocessor, encoder_preprocess: dict, image_root: Path, min_image_size: int,
+                 rep_token: bool = False):
+        if rep_token and conversation_tokenizer.encode(REP_TOKEN) != [conversation_tokenizer.vocab.id(REP_TOKEN)]:
+            raise PretokenizeError(
+                f"rep_token=true: the tokenizer does not encode {REP_TOKEN} as its single id; it must be an added "
+                "(special) token, as in Chameleon's text_tokenizer.json"
+            )
+        self.answer_prefix = REP_TOKEN if rep_token else ""
         self.items = items
         self.conversation_tokenizer = conversation_tokenizer
         self.vq_preprocess = vq_preprocess
@@ -94,7 +107,7 @@ class ItemDataset(Dataset):
         try:
             prompt, answer, images = parse_item(item)
             record["image"] = images[0]
-            tokenized = self.conversation_tokenizer.tokenize([("human", prompt), ("gpt", answer)])
+            tokenized = self.conversation_tokenizer.tokenize([("human", prompt), ("gpt", self.answer_prefix + answer)])
             image = open_image(self.image_root / images[0], self.min_image_size)
             record.update(
                 caption=prompt,

@@ -1,14 +1,15 @@
-"""Pre-tokenization, the whole run: conversation JSON -> MDS shards with tokens and encoder features together.
+"""Pre-tokenization, the whole run: an input -> MDS shards with VQ codes and encoder features together.
 
     cfg = PretokenizeConfig(input="train.json", out_dir="mds/train", tokenizer=".../text_tokenizer.json",
                             vqgan_yaml=".../vqgan.yaml", vqgan_ckpt=".../vqgan.ckpt",
                             encoders=[parse_encoder_arg("biomedclip=/models/biomedclip")])
-    summary = run_pretokenize(cfg)
+    summary = run_pretokenize(cfg)                      # conversation JSON -> text-to-image samples
+    summary = run_pretokenize_imagefolder(folder_cfg)   # ImageFolder tree -> class-to-image samples
 
-Input: the ARRA / Lumina-mGPT JSON list (``{"conversations": [{"from": "human", "value": prompt},
-{"from": "gpt", "value": "<|image|>"}], "image": [path]}``). Output: ``out_dir/part-NNNNN/`` MDS
-directories (columns of ``arra_ds.data.schema``), one merged ``out_dir/index.json`` (streaming's
-``merge_index``) and ``out_dir/report.json`` listing every skipped item with its reason.
+What is read and how a batch becomes samples is the task's (``task.py``: ``conversation.py``,
+``imagefolder.py``); this module runs any task. Output: ``out_dir/part-NNNNN/`` MDS directories
+(columns of ``arra_ds.data.schema``), one merged ``out_dir/index.json`` (streaming's ``merge_index``)
+and ``out_dir/report.json`` listing every skipped item with its reason.
 
 How the work is split:
 - The items are cut into parts of ``items_per_part`` consecutive items. A part is the unit of
@@ -18,14 +19,14 @@ How the work is split:
   ``num_procs`` spawns the processes locally (one per GPU, or several CPU processes); an external
   launcher can set ``rank`` / ``world_size`` instead and run once more without them to merge.
 - In each process a DataLoader with ``num_workers`` workers opens, checks, crops and preprocesses
-  images (VQGAN input and every encoder's input) and tokenises the text; the main process groups
-  items by crop size and runs the VQGAN and the encoders on batches of ``batch_size``.
+  the items (VQ tokenizer input and every encoder's input); the main process groups records by the
+  task's bucket (e.g. crop size) and runs the VQ tokenizer and the encoders on batches of ``batch_size``.
 
-A bad item (missing or unreadable image, ``<|image|>`` count not equal to the image list, empty
-text, image smaller than ``min_image_size``, sequence longer than ``max_seq_len``, a conversation
-that is not one prompt + one image) is skipped, listed in the report with its reason and counted in
-the summary; it never stops the job. The output does not depend on ``num_workers`` or the number
-of processes.
+A bad item (for conversations: missing or unreadable image, ``<|image|>`` count not equal to the
+image list, empty text, image smaller than ``min_image_size``, sequence longer than ``max_seq_len``,
+a conversation that is not one prompt + one image; for image folders: unreadable or too small
+images) is skipped, listed in the report with its reason and counted in the summary; it never stops
+the job. The output does not depend on ``num_workers`` or the number of processes.
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ from streaming.base.util import merge_index
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from arra_ds.data.images import VQImagePreprocessor
 from arra_ds.data.pretokenize.config import META_FILE, PART_DONE_FILE, REPORT_FILE, PretokenizeConfig, PretokenizeError
-from arra_ds.data.pretokenize.items import ItemDataset, keep_records
-from arra_ds.data.pretokenize.writer import PartWriter, load_models, part_done, part_name
-from arra_ds.data.schema import columns_for
+from arra_ds.data.pretokenize.conversation import ConversationTask
+from arra_ds.data.pretokenize.imagefolder import ImageFolderConfig, ImageFolderTask
+from arra_ds.data.pretokenize.items import keep_records
+from arra_ds.data.pretokenize.task import PretokenizeTask
+from arra_ds.data.pretokenize.writer import PartWriter, part_done, part_name
 from arra_ds.io import atomic_write_json
 
 
@@ -60,34 +62,20 @@ def resolve_device(requested: str, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def read_items(path: str | Path) -> list:
-    try:
-        items = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PretokenizeError(f"cannot read the conversation JSON {path}: {e}") from e
-    if not isinstance(items, list):
-        raise PretokenizeError(f"{path} must hold a JSON list of items, got {type(items).__name__}")
-    return items
-
-
-def run_rank(cfg: PretokenizeConfig, rank: int, world_size: int, show_progress: bool) -> int:
+def run_rank(task: PretokenizeTask, rank: int, world_size: int, show_progress: bool) -> int:
     """Write this rank's unfinished parts; returns how many items it processed."""
+    cfg = task.cfg
     out_dir = Path(cfg.out_dir)
-    items = read_items(cfg.input)
+    items = task.items()
     num_parts = max(1, math.ceil(len(items) / cfg.items_per_part))
     todo = [p for p in range(rank, num_parts, world_size) if not part_done(out_dir, p)]
     if not todo:
         return 0
-    device = resolve_device(cfg.device, rank)
-    models = load_models(cfg, device)
-    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.input).resolve().parent
+    models = task.load_models(resolve_device(cfg.device, rank))
     selected = [
         (i, items[i]) for p in todo for i in range(p * cfg.items_per_part, min(len(items), (p + 1) * cfg.items_per_part))
     ]
-    dataset = ItemDataset(
-        selected, models.conversation_tokenizer, VQImagePreprocessor(cfg.image),
-        {name: enc.preprocess for name, enc in models.encoders.items()}, image_root, cfg.min_image_size,
-    )
+    dataset = task.item_dataset(selected, models)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=keep_records)
     bar = tqdm(total=len(selected), desc=f"pretokenize rank {rank}", unit="img", disable=not show_progress)
     writer: PartWriter | None = None
@@ -98,33 +86,29 @@ def run_rank(cfg: PretokenizeConfig, rank: int, world_size: int, show_progress: 
                 if writer is None or writer.part != part:
                     if writer is not None:
                         writer.finish()
-                    writer = PartWriter(out_dir, part, cfg, models)
+                    writer = PartWriter(out_dir, part, task, models)
                 writer.add(record)
                 bar.update(1)
         if writer is not None:
             writer.finish()
     bar.close()
-    # Parts with no items (an empty JSON) still need a done marker so merging sees every part.
+    # Parts with no items (an empty input) still need a done marker so merging sees every part.
     for part in todo:
         if not part_done(out_dir, part):
-            PartWriter(out_dir, part, cfg, models).finish()
+            PartWriter(out_dir, part, task, models).finish()
     return len(selected)
 
 
-def _spawned_rank(cfg: PretokenizeConfig, rank: int, world_size: int, threads: int) -> None:
+def _spawned_rank(task: PretokenizeTask, rank: int, world_size: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    run_rank(cfg, rank, world_size, show_progress=cfg.progress and rank == 0)
+    run_rank(task, rank, world_size, show_progress=task.cfg.progress and rank == 0)
 
 
-
-
-
-
-def _check_meta(cfg: PretokenizeConfig) -> None:
+def _check_meta(task: PretokenizeTask) -> None:
     """Record the content settings on the first run; refuse to resume with different ones."""
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(task.cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = cfg.content_key()
+    key = json.loads(json.dumps(task.content_key()))  # as it reads back from the file (tuples become lists)
     meta_path = out_dir / META_FILE
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())
@@ -138,8 +122,9 @@ def _check_meta(cfg: PretokenizeConfig) -> None:
     atomic_write_json(meta_path, key)  # ranks started together may all get here
 
 
-def merge_parts(cfg: PretokenizeConfig, num_items: int, num_parts: int) -> dict:
+def merge_parts(task: PretokenizeTask, num_items: int, num_parts: int) -> dict:
     """One index.json over all parts (streaming's merge_index) and the report; returns the summary."""
+    cfg = task.cfg
     out_dir = Path(cfg.out_dir)
     parts = [json.loads((out_dir / part_name(p) / PART_DONE_FILE).read_text()) for p in range(num_parts)]
     written = sum(p["written"] for p in parts)
@@ -152,7 +137,8 @@ def merge_parts(cfg: PretokenizeConfig, num_items: int, num_parts: int) -> dict:
         "skipped": len(skipped),
         "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
         "parts": num_parts,
-        "columns": columns_for([s.name for s in cfg.encoders]),
+        "columns": task.columns(),
+        **task.report_extras(),
         "bad_items": skipped,
     }
     report = out_dir / REPORT_FILE
@@ -177,16 +163,17 @@ def format_summary(summary: dict) -> str:
     )
 
 
-def run_pretokenize(cfg: PretokenizeConfig) -> dict | None:
-    """Run (or resume) pre-tokenization. Returns the summary once every part is done, else None.
+def run_task(task: PretokenizeTask) -> dict | None:
+    """Run (or resume) a pre-tokenization task. Returns the summary once every part is done, else None.
 
     With ``world_size > 1`` (external launcher) each call writes its own parts only; run once more
     with ``world_size=1`` (nothing left to do but merging) to get index.json and the report.
     """
-    cfg.validate()
-    _check_meta(cfg)
-    items = read_items(cfg.input)
-    num_parts = max(1, math.ceil(len(items) / cfg.items_per_part))
+    task.validate()
+    cfg = task.cfg
+    _check_meta(task)
+    num_items = len(task.items())
+    num_parts = max(1, math.ceil(num_items / cfg.items_per_part))
     out_dir = Path(cfg.out_dir)
     if cfg.num_procs > 1:
         # fork starts children without re-importing torch & co.; it is safe because this parent has
@@ -194,7 +181,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict | None:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized() else "spawn"
         context = multiprocessing.get_context(method)
         threads = max(1, (os.cpu_count() or 1) // cfg.num_procs)
-        procs = [context.Process(target=_spawned_rank, args=(cfg, r, cfg.num_procs, threads)) for r in range(cfg.num_procs)]
+        procs = [context.Process(target=_spawned_rank, args=(task, r, cfg.num_procs, threads)) for r in range(cfg.num_procs)]
         for proc in procs:
             proc.start()
         for proc in procs:
@@ -203,10 +190,20 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict | None:
         if failed:
             raise PretokenizeError(f"pre-tokenization processes {failed} failed (see their errors above); rerun to resume")
     else:
-        run_rank(cfg, cfg.rank, cfg.world_size, show_progress=cfg.progress and cfg.rank == 0)
+        run_rank(task, cfg.rank, cfg.world_size, show_progress=cfg.progress and cfg.rank == 0)
     missing = [p for p in range(num_parts) if not part_done(out_dir, p)]
     if missing:
         if cfg.world_size > 1:
             return None  # other ranks are still writing theirs
         raise PretokenizeError(f"parts {missing[:10]} of {out_dir} are not done; rerun to resume")
-    return merge_parts(cfg, len(items), num_parts)
+    return merge_parts(task, num_items, num_parts)
+
+
+def run_pretokenize(cfg: PretokenizeConfig) -> dict | None:
+    """Conversation JSON -> text-to-image samples (see ``run_task``)."""
+    return run_task(ConversationTask(cfg))
+
+
+def run_pretokenize_imagefolder(cfg: ImageFolderConfig) -> dict | None:
+    """ImageFolder tree -> class-to-image samples (see ``run_task``)."""
+    return run_task(ImageFolderTask(cfg))
