@@ -28,6 +28,8 @@ install_requires = [
     # matrix square root and MS-SSIM. The FID feature network for X-rays (torchxrayvision) is an extra.
     "scipy==1.17.1",
     "pytorch-msssim==1.0.0",
+    # The study's report figures (launch/study.py: curves.png, samples.png); streaming needs it too.
+    "matplotlib==3.11.2",
 ]
 
 extras_require = {

@@ -1,8 +1,9 @@
-"""Feature extractors for FID: ``inception`` (2048-d pool3), ``xrv`` (1024-d, chest X-rays) and
-``thumbnail`` (192-d, parameter-free, for the built-in demo scenes).
+"""Feature extractors for FID: ``inception`` (2048-d pool3), ``xrv`` (1024-d, chest X-rays),
+``thumbnail`` (192-d, parameter-free, for the built-in demo scenes) and ``scene`` (the demo scenes'
+attribute model, ``arra_ds.demo.attributes``, trained by the study).
 
-Both take uint8 RGB batches [B, 3, H, W] (what a PNG holds) and return float64 features [B, D].
-Both use local weights only; nothing is downloaded:
+All take uint8 RGB batches [B, 3, H, W] (what a PNG holds) and return float64 features [B, D].
+All use local weights only; nothing is downloaded:
 
 - ``weights=""``: the library's own cache (where pytorch-fid / torchxrayvision would have put the
   file), e.g. ``~/.cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth`` and
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arra_ds.demo.attributes import AttributeNetConfig, SceneAttributeNet, SceneFeatures, load_attribute_net
 from arra_ds.errors import ConfigError, MissingDependencyError, UserError
 
 from arra_ds.eval.inception import FID_INCEPTION_FILENAME, POOL3_DIM, FIDInceptionV3
@@ -251,8 +253,31 @@ def build_thumbnail(weights: str = "") -> FeatureExtractor:
     )
 
 
+
+# ---- scene --------------------------------------------------------------------------------------
+def build_scene(weights: str = "") -> FeatureExtractor:
+    """The penultimate layer of the demo scenes' attribute model: ``weights`` is the file the study
+    trained (``<study dir>/models/judge/attribute_net.safetensors``); it has no library cache.
+    Input: the mean colour of each code patch (the picture as the demo VQ tokenizer sees it)."""
+    if weights == RANDOM_WEIGHTS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            net = SceneAttributeNet(AttributeNetConfig())
+        source = RANDOM_WEIGHTS
+    elif not weights:
+        raise WeightsNotFoundError(
+            "the 'scene' extractor has no default weights: pass extractor_weights={scene: <study dir>/models/judge/"
+            "attribute_net.safetensors} (trained by launch/study.py)"
+        )
+    else:
+        net = load_attribute_net(weights)
+        source = str(weights)
+    network = SceneFeatures(net).eval().requires_grad_(False)
+    return FeatureExtractor("scene", network, net.patch_colours, net.cfg.feature_dim, source, state_dict_hash(network))
+
+
 EXTRACTORS: dict[str, Callable[[str], FeatureExtractor]] = {
-    "inception": build_inception, "xrv": build_xrv, "thumbnail": build_thumbnail,
+    "inception": build_inception, "xrv": build_xrv, "thumbnail": build_thumbnail, "scene": build_scene,
 }
 
 
