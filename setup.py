@@ -15,6 +15,8 @@ install_requires = [
     "accelerate==1.15.0",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 zero.Init loading)
     "tokenizers==0.22.2",
     "safetensors==0.8.0",
+    # LoRA (model.trainable=lora, arra_ds/model/trainable.py); 0.21 still supports transformers 4.57
+    "peft==0.21.2",
     "mosaicml-streaming==0.13.0",
     "numpy==2.1.3",
     "pillow==13.0.0",
@@ -39,9 +41,11 @@ extras_require = {
     "kernels": ["liger-kernel==0.8.5"],
     # GPU-only: flash attention 2 (needs a CUDA toolchain to build).
     "gpu": ["flash-attn>=2.6.3"],
+    # Parquet caption tables for launch/pretokenize.py (input=captions.parquet); .jsonl / .csv need nothing.
+    "parquet": ["pyarrow==26.0.1"],
     "test": ["pytest==9.2.0"],
 }
-extras_require["dev"] = extras_require["eval"] + extras_require["kernels"] + extras_require["test"]
+extras_require["dev"] = extras_require["eval"] + extras_require["kernels"] + extras_require["parquet"] + extras_require["test"]
 
 setup(
     name="arra_ds",

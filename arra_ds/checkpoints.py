@@ -29,21 +29,25 @@ no engine).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
-import json
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from arra_ds.config import from_dict, read_config_file
 from arra_ds.errors import ConfigError, InputNotFoundError, UserError
-from arra_ds.model.backbone import ModelConfig, build_backbone_skeleton
-from arra_ds.tokens.layout import CODE_PATCH_PX
+from arra_ds.io import read_json
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.trainable import TRAIN_ALL, merge_lora
+from arra_ds.tokens.layout import ImageGrid
 from arra_ds.tokens.vocab import ChameleonVocab
+from arra_ds.weights import load_strict
 
 CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_FILE = "config.yaml"
@@ -95,11 +99,10 @@ def read_manifest(ckpt_dir: Path) -> dict:
             f"{ckpt_dir} is not a complete arra_ds checkpoint{partial}: {MANIFEST} is missing. "
             f"Complete checkpoints next to it: {[p.name for p in committed(Path(ckpt_dir).parent)] or 'none'}"
         )
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["files"], manifest["step"], manifest["world_size"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e}); the checkpoint {ckpt_dir} cannot be trusted") from e
+    manifest = read_json(path, CheckpointError, hint=f"the checkpoint {ckpt_dir} cannot be trusted")
+    missing = [key for key in ("files", "step", "world_size") if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}; the checkpoint {ckpt_dir} cannot be trusted")
     return manifest
 
 
@@ -130,8 +133,8 @@ def committed(root: Path) -> list[Path]:
     for path in root.iterdir():
         if path.is_dir() and TAG_PATTERN.match(path.name) and (path / MANIFEST).is_file():
             try:
-                sequence = int(json.loads((path / MANIFEST).read_text())["sequence"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                sequence = int(read_json(path / MANIFEST, CheckpointError)["sequence"])
+            except (CheckpointError, KeyError, TypeError, ValueError):
                 continue
             found.append((sequence, path.name, path))
     return [p for _, _, p in sorted(found)]
@@ -219,6 +222,8 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
     The checkpoint's manifest is verified (every file present with its recorded size).
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"no such run directory or checkpoint: {path}")
     for root in (path / CHECKPOINTS_DIR, path):
         tag = read_latest(root)
         if tag is not None:
@@ -265,8 +270,9 @@ def consolidated_state_dict(ref: CheckpointRef, dtype: torch.dtype | None = None
 
 
 def read_run_model_config(run_dir: str | Path) -> ModelConfig:
-    """The ``model`` section of a run's config.yaml, and nothing else: export, generation and
-    evaluation must work where the training data (``data.path``) is not mounted."""
+    """The ``model`` section of a run's config.yaml, and nothing else: export, generation and evaluation must
+    work where the training data (``data.path``) is not mounted. Where the run copied the base checkpoint's
+    small files into ``assets/model`` (config, tokenizer), the section reads those: the base may have moved."""
     config_path = Path(run_dir) / RUN_CONFIG_FILE
     if not config_path.is_file():
         raise InputNotFoundError(f"{config_path} not found: the trainer writes the resolved run config there")
@@ -274,6 +280,9 @@ def read_run_model_config(run_dir: str | Path) -> ModelConfig:
     if not isinstance(data.get("model"), dict):
         raise ConfigError(f"{config_path} has no 'model' section; is it a run config written by arra_ds?")
     model_cfg = from_dict(ModelConfig, data["model"], prefix="model")
+    copied = Path(run_dir) / ASSETS_DIR / ASSETS_MODEL_DIR
+    if copied.is_dir():
+        model_cfg = model_cfg.backbone.for_inference(model_cfg, copied)
     model_cfg.validate()
     return model_cfg
 
@@ -304,35 +313,40 @@ def split_backbone_state(state: dict[str, torch.Tensor], source: str) -> tuple[d
     return backbone, dropped
 
 
-def read_trained_backbone(path: str | Path, dtype: torch.dtype | None = None) -> TrainedBackbone:
-    """Backbone weights of a run directory, its ``checkpoints`` directory or one ``step_<n>`` directory."""
+def read_trained_backbone(path: str | Path, dtype: torch.dtype | None = None, merge: bool = True) -> TrainedBackbone:
+    """Backbone weights of a run directory, its ``checkpoints`` directory or one ``step_<n>`` directory. A run that
+    trained LoRA adapters (``model.trainable``) has them folded into plain weights with the base names (``merge``;
+    ``merge=False`` keeps the adapters, for writing them alone)."""
     ref = resolve_checkpoint(path)
     model_cfg = read_run_model_config(ref.run_dir)
     backbone, dropped = split_backbone_state(consolidated_state_dict(ref, dtype), str(ref.path))
+    if merge and model_cfg.trainable != TRAIN_ALL:
+        backbone = merge_lora(backbone, model_cfg.lora)
     return TrainedBackbone(ref, model_cfg, backbone, dropped)
 
 
 def load_trained_backbone(
     path: str | Path, dtype: torch.dtype, device: torch.device | str
-) -> tuple[nn.Module, ChameleonVocab, TrainedBackbone]:
-    """(backbone in eval mode on ``device``, its vocabulary, what was read) from a trainer checkpoint.
+) -> tuple[nn.Module, ChameleonVocab | None, TrainedBackbone]:
+    """(backbone in eval mode on ``device``, its text vocabulary or None, what was read) from a trainer checkpoint.
 
-    The module is built on the meta device from the run's model section and takes the checkpoint's
-    tensors as they are (``assign=True``): the weights exist once in memory, never twice.
+    The module is the backbone's skeleton (built on the meta device from the run's model section) and takes the
+    checkpoint's tensors as they are (``assign=True``): the weights exist once in memory, never twice.
     """
     trained = read_trained_backbone(path, dtype)
-    backbone, vocab = build_backbone_skeleton(trained.model_cfg, dtype)
-    try:
-        backbone.load_state_dict(trained.state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"checkpoint {trained.ref.path} does not match the backbone its config.yaml describes: {e}"
-        ) from e
-    backbone.to(device).eval().requires_grad_(False)
-    return backbone, vocab, trained
+    backbone = trained.model_cfg.backbone
+    module = backbone.skeleton(trained.model_cfg, dtype)
+    load_strict(module, trained.state_dict, source=f"checkpoint {trained.ref.path}", error=CheckpointError,
+                what=f"the model.source={trained.model_cfg.source} backbone its config.yaml describes", assign=True)
+    module.to(device).eval().requires_grad_(False)
+    return module, backbone.vocab(trained.model_cfg), trained
 
 
 # ---- what the run was trained on ---------------------------------------------------------------------
+
+
+# Paths of RunData that may be relative to the directory of the record (files copied into the run's assets/).
+RUN_DATA_PATH_FIELDS = ("vqgan_config", "vqgan_checkpoint", "tokenizer", "heldout_prompts")
 
 
 @dataclass
@@ -341,13 +355,17 @@ class RunData:
 
     The trainer writes it to ``<run dir>/arra_data.json`` (``arra_ds/train/data_record.py``); an
     export copies it. Empty fields are unknown (e.g. data pre-tokenised elsewhere, without its
-    ``pretokenize_meta.json``); explicit keys of generation and evaluation always win over it.
+    ``pretokenize_meta.json``); explicit keys of generation and evaluation always win over it. Paths of
+    files copied into the run (``assets/``) are relative to the record's directory; ``read_run_data``
+    resolves them, so a run directory can be moved as a whole.
     """
 
     source: str = ""  # the training data (data.path; for the demo, its directory in the cache)
     code_height: int = 0  # the trained image grid in VQ codes (of the first training sample); 0 = unknown
     code_width: int = 0
-    vqgan_config: str = ""  # the VQGAN the data was pre-tokenised with: vqgan.yaml + vqgan.ckpt
+    # the image tokenizer the data was pre-tokenised with: its config (Chameleon vqgan.yaml, LlamaGen VQ yaml)
+    # and weights (vqgan.ckpt, vq_ds16_c2i.pt); its decoder turns generated codes into pictures
+    vqgan_config: str = ""
     vqgan_checkpoint: str = ""
     tokenizer: str = ""  # the text tokenizer of pre-tokenization
     encoder: dict[str, str] = field(default_factory=dict)  # the alignment target's EncoderSpec (name, kind, path, ...)
@@ -358,16 +376,19 @@ class RunData:
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
-    def height_px(self) -> int:
-        return self.code_height * CODE_PATCH_PX
+    def grid(self) -> ImageGrid | None:
+        """The code grid the model was trained on, if known."""
+        return ImageGrid(self.code_height, self.code_width) if self.code_height and self.code_width else None
 
-    @property
-    def width_px(self) -> int:
-        return self.code_width * CODE_PATCH_PX
+    def resolved(self, base_dir: Path) -> "RunData":
+        """Relative paths (copies in the run's assets) made absolute against ``base_dir``."""
+        paths = {name: str(base_dir / value) for name in RUN_DATA_PATH_FIELDS
+                 if (value := getattr(self, name)) and not Path(value).is_absolute()}
+        return replace(self, **paths)
 
 
 def run_data_path(model: str | Path) -> Path | None:
-    """Where the data record of ``model`` (a trainer checkpoint or an exported HF directory) is, if any."""
+    """Where the data record of ``model`` (a trainer checkpoint or an exported directory) is, if any."""
     path = Path(model)
     if (path / RUN_DATA_FILE).is_file():
         return path / RUN_DATA_FILE
@@ -380,14 +401,94 @@ def run_data_path(model: str | Path) -> Path | None:
 
 def read_run_data(model: str | Path) -> RunData | None:
     """The data record of a trainer checkpoint (run dir, checkpoints dir or step dir) or of an export;
-    None when the model has none (runs of older versions, HF models from elsewhere)."""
+    None when the model has none (runs of older versions, models from elsewhere)."""
     path = run_data_path(model)
     if path is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); delete it and pass the data keys explicitly") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object (the trainer's data record)")
-    return from_dict(RunData, data, prefix=RUN_DATA_FILE)
+    data = read_json(path, CheckpointError, hint="it is the trainer's data record: delete it and pass the data keys explicitly")
+    return from_dict(RunData, data, prefix=RUN_DATA_FILE).resolved(path.parent)
+
+
+# ---- what inference needs from outside the run: copied into assets/, or recorded -------------------------
+
+
+ASSETS_DIR = "assets"  # <run dir>/assets (and <export>/assets): what inference needs besides the trained weights
+ASSETS_MODEL_DIR = "model"  # the backbone's small files of the base checkpoint (config.json, tokenizer)
+ASSETS_IMAGE_TOKENIZER_DIR = "image_tokenizer"  # the image tokenizer's config (and weights, when small)
+ASSETS_MANIFEST = "assets.json"
+BASE_WEIGHTS_FILE = "base_weights.safetensors"  # untrained tensors of the base that an export carries
+HASH_CHUNK_BYTES = 1 << 24
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of names, dtypes, shapes and bytes (the same tensors give the same hash in any file layout)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class ExternalFile:
+    """What inference needs that was too large to copy into the run: where it was, how to know it again, and
+    the key that points at it after it moved. ``kind``: a ``file`` (hash of its bytes) or ``base_weights`` (a
+    checkpoint directory; hash of the tensors the backbone reads from it)."""
+
+    path: str
+    size: int
+    sha256: str
+    key: str
+    kind: Literal["file", "base_weights"] = "file"
+    what: str = ""
+
+
+@dataclass
+class RunAssets:
+    """``<dir>/assets/assets.json``: the files copied into the run (relative name -> the original path) and the
+    external ones (name -> ExternalFile)."""
+
+    root: Path
+    copied: dict[str, str] = field(default_factory=dict)
+    external: dict[str, ExternalFile] = field(default_factory=dict)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / ASSETS_MODEL_DIR
+
+    def external_file(self, name: str) -> ExternalFile | None:
+        return self.external.get(name)
+
+
+def read_run_assets(model: str | Path) -> RunAssets | None:
+    """The assets of a trainer checkpoint or export (next to its data record), or None (older runs)."""
+    record = run_data_path(model)
+    if record is None or not (record.parent / ASSETS_DIR / ASSETS_MANIFEST).is_file():
+        return None
+    root = record.parent / ASSETS_DIR
+    data = read_json(root / ASSETS_MANIFEST, CheckpointError, hint="it is the run's record of its assets (what inference needs from outside the run)")
+    external = {name: from_dict(ExternalFile, entry, prefix=f"{ASSETS_MANIFEST} external.{name}")
+                for name, entry in data.get("external", {}).items()}
+    return RunAssets(root, dict(data.get("copied", {})), external)
+
+
+def check_external_file(entry: ExternalFile, path: str | Path | None = None) -> Path:
+    """``path`` (default: where the run saw it) if it is the file the run recorded; else a CheckpointError naming
+    the file and the key to set."""
+    path = Path(path or entry.path)
+    if not path.is_file() or path.stat().st_size != entry.size or file_sha256(path) != entry.sha256:
+        found = "is missing" if not path.is_file() else "is not the same file (size or sha256 differ)"
+        raise CheckpointError(
+            f"{entry.what or 'a file the run needs'} {path} {found}: the run recorded {entry.path} "
+            f"({entry.size} bytes, sha256 {entry.sha256[:16]}...); pass {entry.key}=<its new path>"
+        )
+    return path

@@ -1,6 +1,6 @@
 """Typed configs from YAML files and ``key=value`` overrides (generic: no section is known here).
 
-Each module owns the dataclass of its settings (``ModelConfig`` in ``model/backbone.py``,
+Each module owns the dataclass of its settings (``ModelConfig`` in ``model/config.py``,
 ``DataConfig`` in ``data/loader.py``, ...); a launcher's config composes them (the trainer's
 ``RunConfig`` in ``train/run_config.py``, ``GenerateConfig``, ``EvalConfig``):
 

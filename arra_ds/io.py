@@ -67,6 +67,24 @@ def atomic_write_json(path: str | Path, value: Any, durable: bool = False) -> Pa
     return atomic_write(path, json.dumps(value, indent=1) + "\n", durable)
 
 
+def read_json(path: str | Path, error: type[Exception] = ValueError, expect: type = dict, hint: str = "") -> Any:
+    """The JSON value in ``path``. ``error`` (the caller's domain error) names the file when it is missing,
+    is not valid JSON or does not hold an ``expect`` (default: an object); ``hint`` (what the file is, what to
+    do) ends the message."""
+    path = Path(path)
+    suffix = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise error(f"{path} does not exist{suffix}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}){suffix}") from e
+    if expect is not None and not isinstance(value, expect):
+        kind = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
+        raise error(f"{path} must hold {kind}, found {type(value).__name__}{suffix}")
+    return value
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     with Path(path).open("a") as f:
         f.write(json.dumps(record) + "\n")

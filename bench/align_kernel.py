@@ -43,8 +43,8 @@ def main(argv=None) -> None:
     import torch
     import torch.nn.functional as F
 
-    from bench.harness import compare_implementations, print_table, write_json
     from arra_ds.kernels.align_loss import fused_projection_loss, reference_projection_loss
+    from bench.harness import compare_implementations, print_table, write_json
 
     n = args.rows_per_sample * args.samples
     g = torch.Generator().manual_seed(0)

@@ -19,7 +19,6 @@ import gc
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,20 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from arra_ds import distributed as dist  # noqa: E402
-from arra_ds.model.llamagen import LLAMAGEN_SIZES  # noqa: E402
+from arra_ds.model.llamagen.config import LLAMAGEN_SIZES  # noqa: E402
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config  # noqa: E402
 from arra_ds.train.flops import peak_flops  # noqa: E402
 from arra_ds.train.run_config import RunConfig  # noqa: E402
+from bench.harness import time_engine_steps  # noqa: E402
 
 VOCAB = 16384  # VQ-16 codebook
 CODES = 256  # 16 x 16 codes: 256 px
 NUM_CLASSES = 1000
 FEATURE_DIM = 512  # CLIP ViT-B/16 [CLS]
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def random_batch(micro_batch: int, seed: int) -> dict:
@@ -67,31 +62,15 @@ def measure(mode: str, args, ds_template: dict) -> dict:
     cfg.train.micro_batch_size = args.micro_batch
     cfg.optim.lr = 1e-4
     cfg.model.validate()
-    ds_config = fill_ds_config(ds_template, cfg.train, cfg.optim, dist.world_size(), cfg.model.hidden_size())
+    ds_config = fill_ds_config(ds_template, cfg.train, cfg.optim, dist.world_size(), cfg.model.shape().hidden_size)
     torch.manual_seed(0)
     engine = Engine(cfg.model, cfg.align, cfg.optim, ds_config)
     model = engine.model
     batch = random_batch(args.micro_batch, seed=dist.rank())
     engine.train()
-    phases = {"forward": [], "backward": [], "optimizer": []}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        _sync()
-        t0 = time.perf_counter()
-        out = engine.forward(batch)
-        _sync()
-        t1 = time.perf_counter()
-        engine.backward(out.loss)
-        _sync()
-        t2 = time.perf_counter()
-        engine.step()
-        _sync()
-        t3 = time.perf_counter()
-        if step >= args.warmup:
-            phases["forward"].append(t1 - t0)
-            phases["backward"].append(t2 - t1)
-            phases["optimizer"].append(t3 - t2)
+    phases, out = time_engine_steps(engine, batch, args.warmup, args.steps)
     step_s = statistics.median([f + b + o for f, b, o in zip(*phases.values())])  # robust to a busy neighbour
     tokens_per_s = args.micro_batch * CODES / step_s
     peak = peak_flops()

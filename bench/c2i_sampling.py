@@ -3,7 +3,7 @@
     python bench/c2i_sampling.py --size cpu-small --num-images 8 --batch-size 8 --threads 1
     python bench/c2i_sampling.py --size B --num-images 256 --batch-size 64 --device cuda --dtype bf16
 
-Both sides are ``arra_ds.generate.c2i.ClassSampler`` on the same randomly initialised GPT (head not zero, so
+Both sides are ``arra_ds.generate.sampler.Sampler`` on the same randomly initialised GPT (head not zero, so
 the draws are not uniform), with CFG 2.0 (conditional and null-class rows in one forward pass), KV cache,
 no top-k / top-p, temperature 1 and per-sample seeds:
 
@@ -19,16 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from arra_ds.generate.c2i import ClassSampler, ClassSamplingConfig  # noqa: E402
-from arra_ds.generate.sampling import seed_for_sample  # noqa: E402
-from arra_ds.model.llamagen import LLAMAGEN_SIZES, LlamaGenConfig, LlamaGenGPT  # noqa: E402
+from arra_ds.generate.sampler import Sampler  # noqa: E402
+from arra_ds.generate.sampling import SamplingConfig, seed_for_sample  # noqa: E402
+from arra_ds.model.llamagen.backbone import LLAMAGEN  # noqa: E402
+from arra_ds.model.llamagen.config import LLAMAGEN_SIZES  # noqa: E402
+from arra_ds.model.llamagen.gpt import LlamaGenGPT  # noqa: E402
+from bench.harness import timed  # noqa: E402
+from tests.llamagen_helpers import tiny_gpt  # noqa: E402
 
 # cpu-small: GPT-B's vocabulary and sequence with a narrow, shallow body (CPU smoke runs).
 SIZES = {**{name: {"size": name} for name in LLAMAGEN_SIZES}, "cpu-small": {"size": "B", "n_layer": 4, "n_head": 4, "dim": 256}}
@@ -37,21 +40,10 @@ HEAD_STD = 0.02  # upstream starts the head at zero; a trained head is not, and 
 
 
 def build_model(size: str, device: str, dtype: torch.dtype) -> LlamaGenGPT:
-    torch.manual_seed(0)
-    model = LlamaGenGPT(LlamaGenConfig(**SIZES[size]))
-    with torch.no_grad():
-        model.output.weight.normal_(0.0, HEAD_STD)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def timed(fn) -> tuple[float, object]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, result
+    # upstream's sizes with the full vocabulary and 16 x 16 codes (the tests' builder at bench size)
+    full = dict(n_layer=None, n_head=None, dim=None, vocab_size=16384, block_size=256, num_classes=1000, multiple_of=256)
+    model = tiny_gpt(seed=0, head_std=HEAD_STD, **{**full, **SIZES[size]})
+    return model.to(device=device, dtype=dtype).requires_grad_(False)
 
 
 def main() -> int:
@@ -69,17 +61,18 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     model = build_model(args.size, args.device, DTYPES[args.dtype])
-    sampler = ClassSampler(model, ClassSamplingConfig(cfg_scale=args.cfg_scale))
+    grid = (model.config.grid_size, model.config.grid_size)
+    sampler = Sampler(LLAMAGEN, model, None, SamplingConfig(guidance_scale=args.cfg_scale), grid)
     classes = [k % model.config.num_classes for k in range(args.num_images)]
     seeds = [seed_for_sample(0, k) for k in range(args.num_images)]
     sampler.generate(classes[:1], seeds[:1])  # warm-up (allocator, kernels)
 
     def batched():
-        return torch.cat([sampler.generate(classes[i : i + args.batch_size], seeds[i : i + args.batch_size])
+        return torch.cat([sampler.generate(classes[i : i + args.batch_size], seeds[i : i + args.batch_size]).codes
                           for i in range(0, args.num_images, args.batch_size)])
 
     def one_at_a_time():
-        return torch.cat([sampler.generate([c], [s]) for c, s in zip(classes, seeds)])
+        return torch.cat([sampler.generate([c], [s]).codes for c, s in zip(classes, seeds)])
 
     single_s, single = timed(one_at_a_time)
     batched_s, many = timed(batched)

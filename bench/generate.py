@@ -40,19 +40,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import ChameleonForConditionalGeneration, DynamicCache  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 from arra_ds.demo.config import DemoDataConfig  # noqa: E402
 from arra_ds.demo.models import demo_vqgan_config  # noqa: E402
 from arra_ds.generate.pipeline import decode_to_uint8  # noqa: E402
-from arra_ds.generate.sampler import ImageSampler  # noqa: E402
-from arra_ds.generate.sampling import SamplingConfig, seed_for_sample  # noqa: E402
+from arra_ds.generate.sampler import Sampler  # noqa: E402
+from arra_ds.generate.sampling import (  # noqa: E402  # noqa: E402
+    SamplingConfig,
+    draw_uniforms,
+    restrict_to,
+    sample_generators,
+    sample_top_k,
+    seed_for_sample,
+)
+from arra_ds.model.config import ModelConfig  # noqa: E402
+from arra_ds.model.debug import DEBUG, DebugModelConfig  # noqa: E402
 from arra_ds.tokens.layout import CODE_PATCH_PX, ImageGrid  # noqa: E402
-from arra_ds.generate.sampling import draw_uniforms, restrict_to, sample_generators, sample_top_k  # noqa: E402
-from arra_ds.model.backbone import DebugModelConfig, LMHeadWithLoss, debug_chameleon_config  # noqa: E402
-from arra_ds.tokens.vocab import ChameleonVocab  # noqa: E402
 from arra_ds.tokens.vqgan import VQGAN  # noqa: E402
 from arra_ds.train.run_config import load_run_config  # noqa: E402
+from bench.harness import synchronize  # noqa: E402
 
 # Chameleon-7B: hidden 4096, 32 layers x 32 heads, MLP 11008, vocab 65536, 8192 image codes.
 SHAPES = {
@@ -65,31 +72,28 @@ DEMO = "demo"  # the default run's model (configs/debug.yaml), with its own voca
 
 
 def build_model(shape: str, layers: int, device: str, dtype: torch.dtype):
+    """(model, vocab) as the debug backbone builds it: the default run's model, or a Chameleon shape with the real
+    LM-head width (ids past the debug vocabulary are unused)."""
     if shape == DEMO:
-        cfg = load_run_config().model.debug
-        if layers:
-            cfg.num_hidden_layers = layers
-        hf_config = debug_chameleon_config(cfg, "sdpa")
+        debug = load_run_config().model.debug
     else:
-        sizes = dict(SHAPES[shape])
-        if layers:
-            sizes["num_hidden_layers"] = layers
-        cfg = DebugModelConfig(**sizes, num_image_codes=CHAMELEON_IMAGE_CODES, max_position_embeddings=4096)
-        hf_config = debug_chameleon_config(cfg, "sdpa")
-        hf_config.vocab_size = CHAMELEON_VOCAB  # the real LM-head width; ids past the debug vocabulary are unused
+        debug = DebugModelConfig(**SHAPES[shape], num_image_codes=CHAMELEON_IMAGE_CODES, max_position_embeddings=4096,
+                                 vocab_size=CHAMELEON_VOCAB)
+    if layers:
+        debug.num_hidden_layers = layers
     torch.manual_seed(0)
-    with torch.device(device):
-        model = ChameleonForConditionalGeneration._from_config(hf_config, dtype=dtype)
-    del model.model.vqmodel
-    model.lm_head = LMHeadWithLoss(model.lm_head.weight, 0.0, 1)
-    vocab = ChameleonVocab.from_model_config(model.config)
-    return model.eval().requires_grad_(False), vocab
+    model, vocab = DEBUG.load_backbone(ModelConfig(debug=debug, attn_implementation="sdpa"), dtype=dtype)
+    return model.to(device).eval().requires_grad_(False), vocab
+
+
+def image_sampler(model, vocab, cfg: SamplingConfig) -> Sampler:
+    return Sampler(DEBUG, model, vocab, cfg, DEBUG.sampling_grid(ModelConfig(), cfg.height, cfg.width))
 
 
 @torch.inference_mode()
 def lumina_style_generate(model, vocab, cfg: SamplingConfig, prompt_ids, seed) -> torch.Tensor:
     """One image; conditional and unconditional branches as separate batch-1 calls (own KV caches)."""
-    layout = ImageGrid.for_pixels(*cfg.pixel_size())
+    layout = ImageGrid.for_pixels(cfg.height, cfg.width)
     device = next(model.parameters()).device
     allowed = torch.zeros(model.lm_head.weight.shape[0], dtype=torch.bool, device=device)
     allowed[vocab.image_token_ids.to(device)] = True
@@ -128,11 +132,6 @@ def demo_decoder(num_codes: int, size: int, device: str) -> VQGAN:
     return VQGAN(demo_vqgan_config(cfg)).to(device).eval()
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted([*SHAPES, DEMO]), default="cpu-small")
@@ -159,7 +158,8 @@ def main() -> int:
     words = [t for t in vocab.token_to_id if t.isalpha()]
     prompts = [[vocab.id(w) for w in words[i % 7 : i % 7 + 5 + i % 4]] for i in range(args.num_images)]
     seeds = [seed_for_sample(0, k) for k in range(args.num_images)]
-    sampler = ImageSampler(model, vocab, cfg)
+    sampler = image_sampler(model, vocab, cfg)
+    cfg = sampler.cfg  # the backbone's defaults filled in (image top-k)
     steps = ImageGrid.for_pixels(args.size, args.size).body_length
 
     decoder = demo_decoder(vocab.num_image_codes, args.size, args.device) if args.decode else None
@@ -172,8 +172,9 @@ def main() -> int:
     warmup_cfg = SamplingConfig(height=args.warmup_size or args.size, width=args.warmup_size or args.size,
                                 guidance_scale=args.guidance)
     # warm-up (kernels, allocator)
-    decoded(ImageSampler(model, vocab, warmup_cfg).generate(prompts[:1], seeds[:1]).codes[0])
-    lumina_style_generate(model, vocab, warmup_cfg, prompts[0], seeds[0])
+    warmup = image_sampler(model, vocab, warmup_cfg)
+    decoded(warmup.generate(prompts[:1], seeds[:1]).codes[0])
+    lumina_style_generate(model, vocab, warmup.cfg, prompts[0], seeds[0])
     baseline_images = min(args.baseline_images or args.num_images, args.num_images)
 
     synchronize(args.device)

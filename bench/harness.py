@@ -32,9 +32,47 @@ class Measurement:
     error: str = ""  # why it failed (exception type and first line), empty when it ran
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so a host clock measures it."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_sync = synchronize
+
+
+def timed(fn: Callable, *args, device: torch.device | str | None = None) -> tuple[float, object]:
+    """(seconds, result) of one call of ``fn(*args)``, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn(*args)
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def time_engine_steps(engine, batch: dict, warmup: int, steps: int) -> tuple[dict[str, list[float]], object]:
+    """Training steps of an ``arra_ds.train.engine.Engine`` on one fixed batch: seconds of each phase (forward,
+    backward, optimizer) of the ``steps`` timed steps after ``warmup`` untimed ones, and the last step's output."""
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    out = None
+    for step in range(warmup + steps):
+        synchronize()
+        t0 = time.perf_counter()
+        out = engine.forward(batch)
+        synchronize()
+        t1 = time.perf_counter()
+        engine.backward(out.loss)
+        synchronize()
+        t2 = time.perf_counter()
+        engine.step()
+        synchronize()
+        t3 = time.perf_counter()
+        if step >= warmup:
+            phases["forward"].append(t1 - t0)
+            phases["backward"].append(t2 - t1)
+            phases["optimizer"].append(t3 - t2)
+    return phases, out
 
 
 def measure(

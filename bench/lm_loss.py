@@ -43,10 +43,10 @@ def main(argv=None) -> None:
     device, dtype = select_device(args)  # before torch imports triton.language
     import torch
 
-    from arra_ds.tokens.layout import IGNORE_INDEX
-    from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
-    from bench.harness import compare_implementations, print_table, write_json
     from arra_ds.kernels.lm_loss import fused_lm_loss
+    from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
+    from arra_ds.tokens.layout import IGNORE_INDEX
+    from bench.harness import compare_implementations, print_table, write_json
 
     z_w = args.z_loss_weight
     g = torch.Generator().manual_seed(0)

@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arra_ds.data.features import EncoderSpec, build_tiny_open_clip_dir, build_tiny_sam_dir, load_encoder  # noqa: E402
 from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor  # noqa: E402
 from arra_ds.data.pretokenize import PretokenizeConfig, run_pretokenize  # noqa: E402
-from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, image_to_tokens  # noqa: E402
 from arra_ds.tokens.conversation import ConversationTokenizer, load_text_tokenizer  # noqa: E402
+from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, image_to_tokens  # noqa: E402
 from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer  # noqa: E402
 from arra_ds.tokens.vqgan import VQGAN, VQGANConfig  # noqa: E402
+from bench.harness import timed  # noqa: E402
 
 # --size: the VQGAN, its crop target and the source image sizes. "tiny" is the size of the test
 # models (per-call overhead dominates on CPU), "small" a 128-px VQGAN with res blocks (convolution
@@ -131,16 +131,6 @@ def ours(assets: dict, items: list, out: Path, args) -> None:
     ))
 
 
-def timed(fn, *fn_args) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn(*fn_args)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=256)
@@ -162,8 +152,8 @@ def main() -> None:
         reference_loop(assets, warm, root / "warm_ref", args.device)
         ours(assets, warm, root / "warm_ours", args)
         for repeat in range(args.repeats):  # interleaved, so a change in machine load hits both
-            reference_times.append(timed(reference_loop, assets, assets["items"], root / f"ref{repeat}", args.device))
-            our_times.append(timed(ours, assets, assets["items"], root / f"ours{repeat}", args))
+            reference_times.append(timed(reference_loop, assets, assets["items"], root / f"ref{repeat}", args.device)[0])
+            our_times.append(timed(ours, assets, assets["items"], root / f"ours{repeat}", args)[0])
             shutil.rmtree(root / f"ref{repeat}", ignore_errors=True)
             shutil.rmtree(root / f"ours{repeat}", ignore_errors=True)
     ratios = [r / o for r, o in zip(reference_times, our_times)]

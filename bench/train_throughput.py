@@ -10,8 +10,9 @@
 
 Batches use the real token layout: (prompt + 1060-token 512x512 image part) units packed back to back
 to fill --seq-len, labels -100 over each prompt, one target feature per row. Prints tokens/s, MFU and
-HFU (PaLM formula, GPU only), peak memory, the forward/backward/optimizer split, and the ARRA/AR
-step-time ratio (the cost of the alignment term) when both modes ran. --out writes the same as JSON.
+HFU (PaLM formula, GPU only), peak memory beside launch/plan.py's planned peak for the same setting, the
+forward/backward/optimizer split, and the ARRA/AR step-time ratio (the cost of the alignment term) when
+both modes ran. --out writes the same as JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import gc
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,11 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arra_ds import distributed as dist  # noqa: E402
-from arra_ds.train.run_config import RunConfig  # noqa: E402
-from arra_ds.tokens.layout import conversation_tokens, image_to_tokens  # noqa: E402
-from arra_ds.tokens.layout import IGNORE_INDEX  # noqa: E402
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config  # noqa: E402
 from arra_ds.train.flops import peak_flops  # noqa: E402
+from arra_ds.train.plan import GIB, PlanConfig, build_plan  # noqa: E402
+from arra_ds.train.run_config import RunConfig  # noqa: E402
+from bench.harness import time_engine_steps  # noqa: E402
+from tests.gen_helpers import packed_batch  # noqa: E402
 
 SHAPES = {
     # hidden, layers, heads, MLP, VQ codes, vocab (Chameleon-7B: 4096 / 32 / 32 / 11008 / 8192 / 65536)
@@ -44,31 +45,16 @@ SHAPES = {
 }
 
 
-def packed_batch(vocab, batch_size: int, seq_len: int, code_side: int, prompt_len: int, feature_dim: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    text_ids = torch.tensor([i for n, i in vocab.token_to_id.items() if not n.startswith(("<", "IMGIMG"))])
-    rows_ids, rows_labels = [], []
-    for _ in range(batch_size):
-        ids, labels = [], []
-        while len(ids) < seq_len:
-            prompt = text_ids[torch.randint(0, len(text_ids), (prompt_len,), generator=g)].tolist()
-            codes = torch.randint(0, vocab.num_image_codes, (code_side, code_side), generator=g)
-            tokens, n_prompt = conversation_tokens(prompt, image_to_tokens(codes, vocab), vocab)
-            ids += tokens
-            labels += [IGNORE_INDEX] * n_prompt + tokens[n_prompt:]
-        rows_ids.append(ids[:seq_len])
-        rows_labels.append(labels[:seq_len])
-    return {
-        "input_ids": torch.tensor(rows_ids),
-        "labels": torch.tensor(rows_labels),
-        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-        "target_features": torch.randn(batch_size, feature_dim, generator=g),
-    }
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def planned_memory(cfg: RunConfig, precision: str, args) -> dict:
+    """launch/plan.py's plan for the setting just measured, beside the measured peak: its allocated parts
+    (the CUDA context is not in torch.cuda.max_memory_allocated) and each part."""
+    cfg.train.precision = precision
+    try:
+        plan = build_plan(cfg, PlanConfig(gpus=dist.world_size(), seq_len=args.seq_len), args.ds_config)
+    except Exception as e:  # noqa: BLE001 - a planner bug must not cost the measurement
+        return {"planned_peak_gib": None, "plan_error": f"{type(e).__name__}: {e}"}
+    return {"planned_peak_gib": plan.allocated_bytes / GIB,
+            "planned_parts_gib": {p.key: p.bytes / GIB for p in plan.parts if p.key != "cuda_overhead"}}
 
 
 def measure(mode: str, args, ds_template: dict) -> dict:
@@ -93,25 +79,9 @@ def measure(mode: str, args, ds_template: dict) -> dict:
     batch = packed_batch(vocab, args.micro_batch, args.seq_len, args.code_side, args.prompt_len, args.feature_dim, seed=dist.rank())
     engine.train()
 
-    phases = {"forward": [], "backward": [], "optimizer": []}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        _sync()
-        t0 = time.perf_counter()
-        out = engine.forward(batch)
-        _sync()
-        t1 = time.perf_counter()
-        engine.backward(out.loss)
-        _sync()
-        t2 = time.perf_counter()
-        engine.step()
-        _sync()
-        t3 = time.perf_counter()
-        if step >= args.warmup:
-            phases["forward"].append(t1 - t0)
-            phases["backward"].append(t2 - t1)
-            phases["optimizer"].append(t3 - t2)
+    phases, out = time_engine_steps(engine, batch, args.warmup, args.steps)
     # medians: robust to the odd slow step (allocator growth, a busy neighbour on a shared host)
     timings = {k: statistics.median(v) for k, v in phases.items()}
     step_s = statistics.median([f + b + o for f, b, o in zip(*phases.values())])
@@ -134,6 +104,7 @@ def measure(mode: str, args, ds_template: dict) -> dict:
         "flops_per_token": flops,
         "peak_flops": peak,
         "final_loss": float(out.loss.item()),
+        **planned_memory(cfg, engine.precision, args),
     }
     del engine, model, out
     gc.collect()
@@ -172,12 +143,14 @@ def main() -> int:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         print(f"\n{args.shape} x {args.layers or SHAPES[args.shape]['num_hidden_layers']} layers, seq {args.seq_len}, "
               f"micro-batch {args.micro_batch}, {dist.world_size()} rank(s), {device}, {args.ds_config}")
-        header = f"{'mode':6} {'tok/s/rank':>11} {'step ms':>9} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} {'peak GiB':>9} {'MFU':>6} {'HFU':>6}"
+        header = (f"{'mode':6} {'tok/s/rank':>11} {'step ms':>9} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} {'peak GiB':>9} "
+                  f"{'planned':>8} {'MFU':>6} {'HFU':>6}")
         print(header)
         for r in results:
             fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
             print(f"{r['mode']:6} {r['tokens_per_s_per_rank']:11.1f} {r['step_ms']:9.1f} {r['forward_ms']:8.1f} "
                   f"{r['backward_ms']:8.1f} {r['optimizer_ms']:8.1f} {fmt(r['peak_mem_gib'], '9.2f'):>9} "
+                  f"{fmt(r['planned_peak_gib'], '8.2f'):>8} "
                   f"{fmt(r['mfu'], '6.1%'):>6} {fmt(r['hfu'], '6.1%'):>6}")
         if ratio is not None:
             print(f"ARRA / AR step time: {ratio:.3f} (alignment term costs {100 * (ratio - 1):.1f}% of the AR step)")

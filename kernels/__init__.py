@@ -55,15 +55,20 @@ def projection_alignment_loss(
     fc2: torch.nn.Linear,
     kind: LossKind,
     mode: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, mean cosine) of the mlp projector fc2(gelu(fc1(h))) against one target per sample.
+    target_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mean cosine, first-row cosine) of the mlp projector fc2(gelu(fc1(h))) against the targets.
 
-    hidden [N, H], sample_idx [N], targets [B, D]. The Triton kernel never stores the [N, D]
-    projections; it takes D <= ALIGN_MAX_FEATURE_DIM (wider projectors run the torch code under auto).
+    hidden [N, H], sample_idx [N]; targets [B, D], one per sample, or with ``target_idx`` [N] any
+    [M, D] (row n against targets[target_idx[n]]: the per-position targets of align.feature=patch).
+    The Triton kernel never stores the [N, D] projections; it takes D <= ALIGN_MAX_FEATURE_DIM (wider
+    projectors run the torch code under auto).
     """
     if fc1.out_features <= ALIGN_MAX_FEATURE_DIM and use_fused_kernel(mode, hidden):
         from arra_ds.kernels.align_loss import fused_projection_loss  # imports Triton: only where the kernel runs
 
-        return fused_projection_loss(hidden, sample_idx, targets, fc1.weight, fc1.bias, fc2.weight, fc2.bias, kind)
+        return fused_projection_loss(
+            hidden, sample_idx, targets, fc1.weight, fc1.bias, fc2.weight, fc2.bias, kind, target_idx=target_idx
+        )
     projected = fc2(torch.nn.functional.gelu(fc1(hidden)))  # [N, D]
-    return gva_loss(projected, sample_idx, targets, kind)
+    return gva_loss(projected, sample_idx, targets, kind, target_idx)

@@ -1,15 +1,18 @@
 """Fused projector MLP + alignment loss (ARRA's L_GVA), Triton forward and backward.
 
     p_n  = W2 gelu(W1 h_n + b1) + b2                  (exact erf GELU, as nn.functional.gelu)
-    cos_n = <p_n, t_b> / (max(|p_n|, eps) max(|t_b|, eps))   (F.normalize on both sides)
+    cos_n = <p_n, t_n> / (max(|p_n|, eps) max(|t_n|, eps))   (F.normalize on both sides)
     loss = 1 - mean_b mean_{n in b} cos_n             (kind="cosine")
-    loss =     mean_b mean_{n in b} mean_d (p_nd - t_bd)^2   (kind="mse")
+    loss =     mean_b mean_{n in b} mean_d (p_nd - t_nd)^2   (kind="mse")
 
-over the samples b that own at least one row; the mean cosine is returned too, for logging. This is
+over the samples b that own at least one row, with t_n = target[target_idx[n]]: by default
+target_idx = sample_idx (one global target per sample, target [B, D]); the spatial mode passes one
+target row per aligned row (target [N, D], target_idx = arange(N)). The mean cosine and the cosine at
+each sample's first row (``cos_first``) are returned too, for logging. This is
 ``arra_ds.model.arra.AlignHead`` (mlp projector) followed by ``align_loss_torch.gva_loss``;
 ``align_loss_torch.reference_projection_loss`` is exactly that torch code (re-exported here).
 
-Shapes: N aligned rows, H backbone width, D projector width, B samples.
+Shapes: N aligned rows, H backbone width, D projector width, B samples, M target rows.
 
 Forward kernel (one program per BLOCK_N rows): fc1 as a tl.dot loop over H into a [BLOCK_N, D]
 fp32 tile, bias + GELU in registers, fc2 in BLOCK_J column slices with the per-row dot products
@@ -44,7 +47,9 @@ import triton
 import triton.language as tl
 
 from arra_ds.kernels.modes import ALIGN_MAX_FEATURE_DIM, check_launchable
-from arra_ds.kernels.align_loss_torch import LossKind, reference_projection_cosine_loss, reference_projection_loss
+from arra_ds.kernels.align_loss_torch import (
+    LossKind, first_row_mean, reference_projection_cosine_loss, reference_projection_loss,
+)
 
 __all__ = [
     "fused_projection_loss", "fused_projection_cosine_loss", "ProjectionLossFunction",
@@ -82,9 +87,9 @@ def _dot_operand(x, IO_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
 @triton.jit
 def _projection_loss_forward_kernel(
     hidden_ptr,  # [N, H] parameter dtype
-    sample_idx_ptr,  # [N] int64
-    target_ptr,  # [B, D] any float dtype
-    target_norm_ptr,  # [B] fp32 |t_b|
+    target_idx_ptr,  # [N] int64: the target row of each row
+    target_ptr,  # [M, D] any float dtype
+    target_norm_ptr,  # [M] fp32 |t_m|
     fc1_w_ptr,  # [D, H]
     fc1_b_ptr,  # [D]
     fc2_w_ptr,  # [D, D] (out, in)
@@ -131,7 +136,7 @@ def _projection_loss_forward_kernel(
     tl.store(pre_act_ptr + rows64[:, None] * D + feat[None, :], pre_act, mask=tile_ok)
     act = _dot_operand(_gelu(pre_act), io_dtype, DOT_DTYPE)  # [BLOCK_N, BLOCK_D]; padded features are gelu(0) = 0
 
-    sample = tl.load(sample_idx_ptr + rows, mask=row_ok, other=0)
+    target_row = tl.load(target_idx_ptr + rows, mask=row_ok, other=0)
     dot_pt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dot_pp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sq_err = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -145,7 +150,7 @@ def _projection_loss_forward_kernel(
         proj = tl.dot(act, tl.trans(w2_tile), input_precision=DOT_PRECISION)
         proj += tl.load(fc2_b_ptr + out, mask=out_ok, other=0.0).to(tl.float32)[None, :]
         target = tl.load(
-            target_ptr + sample[:, None] * D + out[None, :], mask=row_ok[:, None] & out_ok[None, :], other=0.0
+            target_ptr + target_row[:, None] * D + out[None, :], mask=row_ok[:, None] & out_ok[None, :], other=0.0
         ).to(tl.float32)
         dot_pt += tl.sum(proj * target, axis=1)
         dot_pp += tl.sum(proj * proj, axis=1)
@@ -154,7 +159,7 @@ def _projection_loss_forward_kernel(
             sq_err += tl.sum(diff * diff, axis=1)
 
     proj_norm = tl.sqrt(dot_pp)
-    target_norm = tl.load(target_norm_ptr + sample, mask=row_ok, other=1.0)
+    target_norm = tl.load(target_norm_ptr + target_row, mask=row_ok, other=1.0)
     cos = dot_pt / (tl.maximum(proj_norm, EPS) * tl.maximum(target_norm, EPS))
     tl.store(cos_ptr + rows, cos, mask=row_ok)
     tl.store(proj_norm_ptr + rows, proj_norm, mask=row_ok)
@@ -165,9 +170,9 @@ def _projection_loss_forward_kernel(
 @triton.jit
 def _projection_loss_backward_kernel(
     pre_act_ptr,  # [N, D] fp32 from forward
-    sample_idx_ptr,  # [N] int64
-    target_ptr,  # [B, D]
-    target_norm_ptr,  # [B] fp32
+    target_idx_ptr,  # [N] int64
+    target_ptr,  # [M, D]
+    target_norm_ptr,  # [M] fp32
     fc2_w_ptr,  # [D, D] parameter dtype
     fc2_b_ptr,  # [D]
     cos_ptr,  # [N] fp32 from forward
@@ -199,12 +204,12 @@ def _projection_loss_backward_kernel(
     tl.store(act_ptr + tile_offsets, act_io, mask=tile_ok)
     act = act_io.to(DOT_DTYPE)
 
-    sample = tl.load(sample_idx_ptr + rows, mask=row_ok, other=0)
+    target_row = tl.load(target_idx_ptr + rows, mask=row_ok, other=0)
     row_grad = tl.load(row_grad_ptr + rows, mask=row_ok, other=0.0)  # 0 on padded rows: no gradient
     cos = tl.load(cos_ptr + rows, mask=row_ok, other=0.0)
     proj_norm = tl.load(proj_norm_ptr + rows, mask=row_ok, other=1.0)
     proj_norm_c = tl.maximum(proj_norm, EPS)
-    target_norm_c = tl.maximum(tl.load(target_norm_ptr + sample, mask=row_ok, other=1.0), EPS)
+    target_norm_c = tl.maximum(tl.load(target_norm_ptr + target_row, mask=row_ok, other=1.0), EPS)
     # d cos / d p = (t / |t|_c - cos * p / |p|_c * [|p| >= eps]) / |p|_c : below eps the clamp is
     # constant and the radial term vanishes (as in F.normalize's clamp_min backward)
     radial = tl.where(proj_norm >= EPS, cos / proj_norm_c, 0.0)
@@ -219,7 +224,7 @@ def _projection_loss_backward_kernel(
         ).to(DOT_DTYPE)
         proj = tl.dot(act, tl.trans(w2_tile), input_precision=DOT_PRECISION)
         proj += tl.load(fc2_b_ptr + out, mask=out_ok, other=0.0).to(tl.float32)[None, :]
-        target = tl.load(target_ptr + sample[:, None] * D + out[None, :], mask=out_tile_ok, other=0.0).to(tl.float32)
+        target = tl.load(target_ptr + target_row[:, None] * D + out[None, :], mask=out_tile_ok, other=0.0).to(tl.float32)
         if IS_MSE:
             grad_proj = row_grad[:, None] * (2.0 / D) * (proj - target)
         else:
@@ -267,42 +272,41 @@ def _launch_config(io_dtype: torch.dtype, feature_dim: int, backward: bool) -> d
 
 
 class ProjectionLossFunction(torch.autograd.Function):
-    """(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind) -> (loss, mean cosine)."""
+    """(hidden, sample_idx, target_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind) -> (loss, mean cosine, first-row cosine)."""
 
     @staticmethod
-    def forward(ctx, hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind: LossKind):
+    def forward(ctx, hidden, sample_idx, target_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind: LossKind):
         num_rows, hidden_size = hidden.shape
-        feature_dim, batch = fc1_w.shape[0], target.shape[0]
-        counts = torch.bincount(sample_idx, minlength=batch)  # [B]
-        if counts.numel() != batch:
-            raise ValueError(f"sample_idx holds indices >= the number of targets B={batch}")
+        feature_dim = fc1_w.shape[0]
+        counts = torch.bincount(sample_idx)  # [max sample + 1]
         # each sample that has rows weighs 1 / (#such samples), shared evenly by its rows: sum = 1
         num_samples_with_rows = (counts > 0).sum()
         row_weight = (1.0 / (counts.clamp(min=1).float() * num_samples_with_rows))[sample_idx]  # [N] fp32
-        target_norm = target.float().norm(dim=-1)  # [B] fp32
+        target_norm = target.float().norm(dim=-1)  # [M] fp32
 
         pre_act = torch.empty((num_rows, feature_dim), dtype=torch.float32, device=hidden.device)
         cos, proj_norm, sq_err = (torch.empty(num_rows, dtype=torch.float32, device=hidden.device) for _ in range(3))
         cfg = _launch_config(hidden.dtype, feature_dim, backward=False)
         _projection_loss_forward_kernel[(triton.cdiv(num_rows, cfg["BLOCK_N"]),)](
-            hidden, sample_idx, target, target_norm, fc1_w, fc1_b, fc2_w, fc2_b,
+            hidden, target_idx, target, target_norm, fc1_w, fc1_b, fc2_w, fc2_b,
             pre_act, cos, proj_norm, sq_err,
             num_rows, hidden_size, feature_dim,
             EPS=NORM_EPS, IS_MSE=kind == "mse", BLOCK_H=FC1_BLOCK_H, **cfg,
         )  # fmt: skip
         mean_cos = (row_weight * cos).sum()
         loss = (row_weight * sq_err).sum() if kind == "mse" else 1.0 - mean_cos
+        cos_first = first_row_mean(cos, sample_idx)
 
         ctx.save_for_backward(
-            hidden, sample_idx, target, target_norm, fc1_w, fc2_w, fc2_b, row_weight, pre_act, cos, proj_norm
+            hidden, target_idx, target, target_norm, fc1_w, fc2_w, fc2_b, row_weight, pre_act, cos, proj_norm
         )
         ctx.kind = kind
-        ctx.mark_non_differentiable(mean_cos)
-        return loss, mean_cos
+        ctx.mark_non_differentiable(mean_cos, cos_first)
+        return loss, mean_cos, cos_first
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_mean_cos):
-        (hidden, sample_idx, target, target_norm, fc1_w, fc2_w, fc2_b, row_weight, pre_act, cos, proj_norm) = (
+    def backward(ctx, grad_loss, _grad_mean_cos, _grad_cos_first):
+        (hidden, target_idx, target, target_norm, fc1_w, fc2_w, fc2_b, row_weight, pre_act, cos, proj_norm) = (
             ctx.saved_tensors
         )
         num_rows, feature_dim = pre_act.shape
@@ -313,7 +317,7 @@ class ProjectionLossFunction(torch.autograd.Function):
         act, grad_proj, grad_pre = (torch.empty_like(pre_act, dtype=hidden.dtype) for _ in range(3))
         cfg = _launch_config(hidden.dtype, feature_dim, backward=True)
         _projection_loss_backward_kernel[(triton.cdiv(num_rows, cfg["BLOCK_N"]),)](
-            pre_act, sample_idx, target, target_norm, fc2_w, fc2_b, cos, proj_norm, row_grad,
+            pre_act, target_idx, target, target_norm, fc2_w, fc2_b, cos, proj_norm, row_grad,
             act, grad_proj, grad_pre,
             num_rows, feature_dim,
             EPS=NORM_EPS, IS_MSE=is_mse, **cfg,
@@ -321,14 +325,14 @@ class ProjectionLossFunction(torch.autograd.Function):
 
         need = ctx.needs_input_grad
         grad_hidden = grad_pre @ fc1_w if need[0] else None  # [N, H]
-        grad_fc1_w = grad_pre.t() @ hidden if need[3] else None  # [D, H]
-        grad_fc1_b = grad_pre.sum(0, dtype=torch.float32).to(hidden.dtype) if need[4] else None
-        grad_fc2_w = grad_proj.t() @ act if need[5] else None  # [D, D]
-        grad_fc2_b = grad_proj.sum(0, dtype=torch.float32).to(hidden.dtype) if need[6] else None
-        return grad_hidden, None, None, grad_fc1_w, grad_fc1_b, grad_fc2_w, grad_fc2_b, None
+        grad_fc1_w = grad_pre.t() @ hidden if need[4] else None  # [D, H]
+        grad_fc1_b = grad_pre.sum(0, dtype=torch.float32).to(hidden.dtype) if need[5] else None
+        grad_fc2_w = grad_proj.t() @ act if need[6] else None  # [D, D]
+        grad_fc2_b = grad_proj.sum(0, dtype=torch.float32).to(hidden.dtype) if need[7] else None
+        return grad_hidden, None, None, None, grad_fc1_w, grad_fc1_b, grad_fc2_w, grad_fc2_b, None
 
 
-def _check_inputs(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind) -> None:
+def _check_inputs(hidden, sample_idx, target_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind) -> None:
     if kind not in ("cosine", "mse"):
         raise ValueError(f"unknown alignment loss {kind!r}; use 'cosine' or 'mse'")
     if hidden.dim() != 2:
@@ -341,6 +345,7 @@ def _check_inputs(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind) 
         "fc2_w": (fc2_w, (feature_dim, feature_dim)),
         "fc2_b": (fc2_b, (feature_dim,)),
         "sample_idx": (sample_idx, (num_rows,)),
+        "target_idx": (target_idx, (num_rows,)),
     }
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
@@ -348,9 +353,12 @@ def _check_inputs(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind) 
                 f"{name} must have shape {shape} for hidden {tuple(hidden.shape)}, got {tuple(tensor.shape)}"
             )
     if target.dim() != 2 or target.shape[1] != feature_dim:
-        raise ValueError(f"target must be [B, D={feature_dim}], got shape {tuple(target.shape)}")
-    if sample_idx.dtype != torch.int64:
-        raise ValueError(f"sample_idx must be int64, got {sample_idx.dtype}")
+        raise ValueError(f"target must be [M, D={feature_dim}], got shape {tuple(target.shape)}")
+    for name, index in (("sample_idx", sample_idx), ("target_idx", target_idx)):
+        if index.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64, got {index.dtype}")
+    if num_rows and not 0 <= int(target_idx.min()) <= int(target_idx.max()) < target.shape[0]:
+        raise ValueError(f"target_idx (or sample_idx) holds indices outside the M={target.shape[0]} target rows")
     if hidden.dtype not in _TRITON_DTYPES:
         raise ValueError(f"hidden dtype {hidden.dtype} is not supported; use float32, bfloat16 or float16")
     for name, tensor in (("fc1_w", fc1_w), ("fc1_b", fc1_b), ("fc2_w", fc2_w), ("fc2_b", fc2_b)):
@@ -374,20 +382,23 @@ def fused_projection_loss(
     fc2_w: torch.Tensor,
     fc2_b: torch.Tensor,
     kind: LossKind = "cosine",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, mean cosine), both fp32 scalars; the cosine is detached, averaged like the loss.
+    target_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mean cosine, first-row cosine), fp32 scalars; both cosines detached (see the module docstring).
 
-    hidden [N, H]; sample_idx [N] int64 in [0, B); target [B, D]; fc1_w [D, H]; fc1_b [D];
-    fc2_w [D, D]; fc2_b [D]. Samples without rows are left out of the means. Gradients flow to
-    hidden and the four projector tensors, never to target. With N == 0 the loss is a zero that
+    hidden [N, H]; sample_idx [N] int64 (the sample of each row, for the averaging); target [M, D];
+    target_idx [N] int64 in [0, M) (default ``sample_idx``: one target per sample, M = B); fc1_w [D, H];
+    fc1_b [D]; fc2_w [D, D]; fc2_b [D]. Samples without rows are left out of the means. Gradients flow
+    to hidden and the four projector tensors, never to target. With N == 0 the loss is a zero that
     still depends on hidden and the projector, so every ZeRO-3 rank runs the same backward.
     """
-    _check_inputs(hidden, sample_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind)
+    target_idx = sample_idx if target_idx is None else target_idx
+    _check_inputs(hidden, sample_idx, target_idx, target, fc1_w, fc1_b, fc2_w, fc2_b, kind)
     if hidden.shape[0] == 0:
         zero = (hidden.sum() + fc1_w.sum() + fc1_b.sum() + fc2_w.sum() + fc2_b.sum()).float() * 0.0
-        return zero, zero.detach()
+        return zero, zero.detach(), zero.detach()
     check_launchable(hidden, _projection_loss_forward_kernel, __name__)
-    tensors = [t.contiguous() for t in (hidden, sample_idx, target.detach(), fc1_w, fc1_b, fc2_w, fc2_b)]
+    tensors = [t.contiguous() for t in (hidden, sample_idx, target_idx, target.detach(), fc1_w, fc1_b, fc2_w, fc2_b)]
     return ProjectionLossFunction.apply(*tensors, kind)
 
 

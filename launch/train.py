@@ -22,7 +22,7 @@ from arra_ds import warnings as known_warnings  # noqa: E402
 known_warnings.install()  # before the imports below: DeepSpeed logs while it is imported
 
 from arra_ds.cli import launcher_parser, parse_args, run_launcher  # noqa: E402
-from arra_ds.train.loop import run_training  # noqa: E402
+from arra_ds.train.trainer import run_training  # noqa: E402
 from arra_ds.train.preemption import REQUEUE_EXIT_CODE  # noqa: E402
 from arra_ds.train.run_config import RunConfig, load_run_config  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Shared test setup: CPU by default, `gpu` tests skipped without CUDA, a private data cache."""
 
 import os
+import runpy
 import socket
 import sys
 from pathlib import Path
@@ -65,3 +66,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_launcher(script: str, args: list[str]) -> int:
+    """Run a launch/ script's main() in this process (no interpreter start-up)."""
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        return runpy.run_path(str(REPO_ROOT / "launch" / script), run_name="not_main")["main"]()
+    finally:
+        sys.argv = argv

@@ -9,7 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from arra_ds.model.backbone import DebugModelConfig, ModelConfig, load_backbone
+from arra_ds.generate.sampler import Sampler
+from arra_ds.generate.sampling import SamplingConfig
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.debug import DEBUG, DebugModelConfig
+from arra_ds.tokens.layout import ImageGrid
 from arra_ds.tokens.vocab import build_debug_tokenizer
 from arra_ds.tokens.vqgan import VQGAN, VQGANConfig
 
@@ -27,6 +31,26 @@ PROMPTS = [
     "three small orange stars at the bottom right corner",
     "a purple bar",
 ]
+
+
+def load_backbone(cfg: ModelConfig, **kwargs):
+    """(model, vocab) of a Chameleon-family model config (``ChameleonFamily.load_backbone``)."""
+    return cfg.backbone.load_backbone(cfg, **kwargs)
+
+
+def backbone_skeleton(cfg: ModelConfig, dtype=torch.float32):
+    """(the backbone of ``cfg`` on the meta device, its vocabulary): what a trained state dict is loaded into."""
+    return cfg.backbone.skeleton(cfg, dtype), cfg.backbone.vocab(cfg)
+
+
+def ImageSampler(backbone, vocab, cfg: SamplingConfig) -> Sampler:
+    """The one sampler on a debug-backbone model, at the config's size."""
+    return Sampler(DEBUG, backbone, vocab, cfg, DEBUG.sampling_grid(ModelConfig(), cfg.height, cfg.width))
+
+
+def image_tokens(batch, i: int, vocab, cfg: SamplingConfig) -> list[int]:
+    """Sample i's image part: the grid prefix, then every token the sampler drew or forced."""
+    return ImageGrid.for_pixels(cfg.height, cfg.width).prefix(vocab) + batch.tokens[i].tolist()
 
 
 def tiny_backbone(seed: int = 0, attn: str = "auto"):
@@ -81,8 +105,10 @@ def write_prompt_json(folder: Path, prompts=PROMPTS, size: int = 64) -> Path:
     return path
 
 
-def write_mds(folder: Path, prompts=PROMPTS, code_size: int = 4, seed: int = 0) -> Path:
-    """A tiny pre-tokenised MDS split (tokens, prompt_len, caption, uid) with random image codes."""
+def write_mds(folder: Path, prompts=PROMPTS, code_size: int = 4, seed: int = 0, feature_dim: int = 0,
+              repeat: int = 1) -> Path:
+    """A tiny pre-tokenised MDS split (tokens, prompt_len, caption, uid) with random image codes; ``feature_dim``:
+    also a random target feature ``feat_demo`` [D]; ``repeat``: the prompts that many times (other codes)."""
     from streaming import MDSWriter
 
     from arra_ds.data.schema import columns_for
@@ -91,11 +117,41 @@ def write_mds(folder: Path, prompts=PROMPTS, code_size: int = 4, seed: int = 0) 
 
     vocab = build_debug_vocab(num_image_codes=NUM_CODES)
     g = torch.Generator().manual_seed(seed)
-    with MDSWriter(out=str(folder), columns=columns_for([])) as writer:
-        for i, text in enumerate(prompts):
+    encoders = ["demo"] if feature_dim else []
+    with MDSWriter(out=str(folder), columns=columns_for(encoders)) as writer:
+        for i, text in enumerate(list(prompts) * repeat):
             codes = torch.randint(0, NUM_CODES, (code_size, code_size), generator=g)
             prompt_ids = [vocab.id(w) for w in text.split() if w in vocab.token_to_id]
             tokens, prompt_len = conversation_tokens(prompt_ids, image_to_tokens(codes, vocab), vocab)
-            writer.write({"tokens": np.asarray(tokens, np.int32), "prompt_len": np.int32(prompt_len),
-                          "caption": text, "uid": f"img{i}"})
+            sample = {"tokens": np.asarray(tokens, np.int32), "prompt_len": np.int32(prompt_len), "caption": text,
+                      "uid": f"img{i}"}
+            if feature_dim:
+                sample["feat_demo"] = torch.randn(feature_dim, generator=g).numpy().astype(np.float16)
+            writer.write(sample)
     return folder
+
+
+def packed_batch(vocab, batch_size: int, seq_len: int, code_side: int, prompt_len: int, feature_dim: int, seed: int):
+    """(prompt + code_side x code_side image) conversations packed back to back to seq_len, as the trainer's packed
+    data: attention_mask all ones (the case flash attention serves). Shared by tests and bench/train_throughput.py."""
+    from arra_ds.tokens.layout import IGNORE_INDEX, conversation_tokens, image_to_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    text_ids = torch.tensor([i for n, i in vocab.token_to_id.items() if not n.startswith(("<", "IMGIMG"))])
+    rows_ids, rows_labels = [], []
+    for _ in range(batch_size):
+        ids, labels = [], []
+        while len(ids) < seq_len:
+            prompt = text_ids[torch.randint(0, len(text_ids), (prompt_len,), generator=g)].tolist()
+            codes = torch.randint(0, vocab.num_image_codes, (code_side, code_side), generator=g)
+            tokens, n_prompt = conversation_tokens(prompt, image_to_tokens(codes, vocab), vocab)
+            ids += tokens
+            labels += [IGNORE_INDEX] * n_prompt + tokens[n_prompt:]
+        rows_ids.append(ids[:seq_len])
+        rows_labels.append(labels[:seq_len])
+    return {
+        "input_ids": torch.tensor(rows_ids),
+        "labels": torch.tensor(rows_labels),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+        "target_features": torch.randn(batch_size, feature_dim, generator=g),
+    }

@@ -10,7 +10,8 @@ from PIL import Image
 from streaming import MDSWriter
 
 from arra_ds.data.schema import CLASS_COLUMN, columns_for, feature_column
-from arra_ds.model.llamagen import LlamaGenConfig, LlamaGenGPT
+from arra_ds.model.llamagen.config import LlamaGenConfig
+from arra_ds.model.llamagen.gpt import LlamaGenGPT
 from arra_ds.tokens.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
 
 # VQ-16's five levels (stride 16) with few channels; a 64 px image is a 4 x 4 code grid.
@@ -35,12 +36,13 @@ def save_tiny_vq(path: Path, seed: int = 0) -> LlamaGenVQ:
     return vq
 
 
-def tiny_gpt(seed: int = 0, **overrides) -> LlamaGenGPT:
-    """A tiny c2i GPT with non-zero weights everywhere (upstream init leaves the head at zero)."""
+def tiny_gpt(seed: int = 0, head_std: float = 0.5, **overrides) -> LlamaGenGPT:
+    """A c2i GPT (tiny unless ``overrides`` size it) with non-zero weights everywhere: upstream init leaves the
+    head at zero, a trained head is not; ``head_std`` draws it. Shared by tests and bench/c2i_sampling.py."""
     torch.manual_seed(seed)
     model = LlamaGenGPT(LlamaGenConfig(**{**TINY_GPT, **overrides}))
     with torch.no_grad():
-        model.output.weight.normal_(0.0, 0.5)
+        model.output.weight.normal_(0.0, head_std)
     return model.eval()
 
 

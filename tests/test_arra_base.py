@@ -4,21 +4,35 @@
 import json
 import math
 import subprocess
+import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from arra_ds.checkpoints import read_trained_backbone
+from arra_ds.data.pretokenize.config import META_FILE
 from arra_ds.errors import ConfigError
-from arra_ds.generate.c2i import ClassSampler, ClassSamplingConfig, load_class_model
-from arra_ds.generate.loading import ModelLoadError, describe_model
+from arra_ds.generate.loading import load_for_generation, resolve_model
+from arra_ds.generate.sampler import Sampler
+from arra_ds.generate.sampling import SamplingConfig
 from arra_ds.model.arra import AlignConfig, build_model
-from arra_ds.model.backbone import ModelConfig
-from arra_ds.model.llamagen import LlamaGenConfig
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.llamagen.config import LlamaGenConfig
 from arra_ds.train.run_config import load_run_config
 from tests.conftest import REPO_ROOT, free_port, launcher, subprocess_env
-from tests.llamagen_helpers import GRID, NUM_CLASSES, TINY_GPT, TINY_GPT_OVERRIDES, write_c2i_mds
+from tests.llamagen_helpers import (
+    GRID,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    TINY_GPT,
+    TINY_GPT_OVERRIDES,
+    TINY_VQ,
+    save_tiny_vq,
+    write_c2i_mds,
+)
 
 FEATURE_DIM = 6
 NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.1)
@@ -111,7 +125,7 @@ def test_zero_head_starts_at_uniform_codes_and_the_flops_facts():
     assert model.align_head is None and out.num_aligned == 0 and model.pad_id == 0
     embedding = TINY_GPT["vocab_size"] * TINY_GPT["dim"]
     assert model.non_embedding_parameters() == model.num_parameters() - embedding
-    assert model_cfg.hidden_size() == TINY_GPT["dim"] and model_cfg.num_hidden_layers() == TINY_GPT["n_layer"]
+    assert model_cfg.shape().hidden_size == TINY_GPT["dim"] and model_cfg.shape().num_layers == TINY_GPT["n_layer"]
 
 
 def test_bad_batches_name_the_setting():
@@ -132,7 +146,7 @@ def test_recipes_hold_the_paper_settings(recipe, size, layers, dim, tmp_path):
     write_c2i_mds(tmp_path / "mds", 6)
     cfg = load_run_config(REPO_ROOT / recipe, [f"data.path={tmp_path / 'mds'}"])
     assert (cfg.model.source, cfg.model.llamagen.size) == ("llamagen", size)
-    assert (cfg.model.num_hidden_layers(), cfg.model.hidden_size()) == (layers, dim)
+    assert (cfg.model.shape().num_layers, cfg.model.shape().hidden_size) == (layers, dim)
     assert (cfg.model.llamagen.vocab_size, cfg.model.llamagen.block_size, cfg.model.llamagen.num_classes) == (16384, 256, 1000)
     assert (cfg.train.global_batch_size, cfg.optim.lr, cfg.align.weight, cfg.align.loss) == (32, 1e-4, 1.0, "cosine")
     assert (cfg.align.projector, cfg.align.target, cfg.align.encoder) == ("mlp", "hybnext", "clip_b16")
@@ -142,7 +156,6 @@ def test_recipes_hold_the_paper_settings(recipe, size, layers, dim, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("align.target=rep", "image-start token"),
-    ("train.eval_every=10", "launch/eval_c2i.py"),
     ("model.path=somewhere", "model.path"),
     ("model.attn_implementation=eager", "SDPA"),
     ("data.max_seq_len=300", "max_position_embeddings=256"),
@@ -157,13 +170,16 @@ def test_settings_a_class_conditional_run_refuses(override, message, tmp_path):
 @pytest.mark.slow
 def test_zero3_two_ranks_train_tiny_arra_base(tmp_path):
     data = write_c2i_mds(tmp_path / "mds", 96)
+    save_tiny_vq(tmp_path / "vq.pt")  # the data's own tokenizer, as launch/pretokenize_imagefolder.py records it
+    (data / META_FILE).write_text(json.dumps({"vq_ckpt": str(tmp_path / "vq.pt"), "vq": asdict(TINY_VQ)}))
     run = tmp_path / "run"
     cmd = [
         launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
         "--ds_config", "ds_configs/zero3.json", "--config", RECIPES[0], f"output_dir={run}", f"data.path={data}",
         *TINY_GPT_OVERRIDES, f"data.max_seq_len={GRID * GRID}", "align.encoder=clip", "model.activation_checkpointing=true",
         "train.max_steps=16", "train.micro_batch_size=4", "train.global_batch_size=8", "train.save_every=16",
-        "train.log_every=1", "train.progress_bar=false", "optim.lr=3e-3",
+        "train.log_every=1", "train.progress_bar=false", "optim.lr=3e-3", "train.eval_every=16", "eval.num_prompts=4",
+        "eval.extractor=",
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -182,11 +198,26 @@ def test_zero3_two_ranks_train_tiny_arra_base(tmp_path):
     assert sorted(trained.dropped) == ["align_head.fc1.bias", "align_head.fc1.weight", "align_head.fc2.bias",
                                        "align_head.fc2.weight"]
 
-    # the run's checkpoint samples through launch/eval_c2i.py's loader (its own sizes), not the text-to-image one
-    model, description = load_class_model(run, LlamaGenConfig(), torch.float32, "cpu")
-    assert description["kind"] == "trainer_checkpoint" and description["step"] == 16
-    assert torch.equal(model.tok_embeddings.weight, trained.state_dict["tok_embeddings.weight"])
-    codes = ClassSampler(model, ClassSamplingConfig(temperature=0.0)).generate([0, 1], [0, 1])
+    # the run's checkpoint samples through the one generation engine, with the run's own sizes
+    ref = resolve_model(run)
+    assert ref.description == {"kind": "trainer_checkpoint", "path": str(run / "checkpoints" / "step_00000016"),
+                               "step": 16, "source": "llamagen"}
+    model = load_for_generation(ref, torch.float32, "cpu")
+    assert torch.equal(model.module.tok_embeddings.weight, trained.state_dict["tok_embeddings.weight"])
+    codes = Sampler(model.backbone, model.module, model.vocab, SamplingConfig(temperature=0.0), (GRID, GRID)).generate(
+        [0, 1], [0, 1]).codes
     assert codes.shape == (2, GRID, GRID)
-    with pytest.raises(ModelLoadError, match="launch/eval_c2i.py"):
-        describe_model(run)
+
+    # the in-training evaluation drew the first training samples' classes, decoded with the data's VQ (whose
+    # architecture the run copied into its assets from the data's record)
+    assert Image.open(run / "samples.png").size[0] > 2 * IMAGE_SIZE
+    assert [line.split("\t")[1] for line in (run / "samples.txt").read_text().splitlines()] == [
+        "class 0", "class 1", "class 2", "class 0"]
+    assert (run / "assets" / "image_tokenizer" / "image_tokenizer.yaml").is_file()
+    # the one generation launcher needs nothing but the run and the classes
+    out = tmp_path / "gen"
+    gen = subprocess.run([sys.executable, "launch/generate.py", f"model={run}", "classes=[0,2]", f"output_dir={out}",
+                          "progress_bar=false"], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert [Image.open(p).size for p in sorted((out / "images").glob("*.png"))] == [(IMAGE_SIZE, IMAGE_SIZE)] * 2

@@ -1,5 +1,5 @@
 """Bad input gets a clear error or a counted skip: features, over-long samples, shards, pickle columns,
-stale shared memory, ds_configs. (Unreadable checkpoints: tests/test_resilience.py, which has real ones.)"""
+stale shared memory and two datasets claiming one, ds_configs. (Unreadable checkpoints: tests/test_resilience.py, which has real ones.)"""
 
 import json
 import os
@@ -7,20 +7,30 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
+import streaming.base.dataset as streaming_dataset
+import streaming.base.shared.prefix as streaming_prefix
 import torch
-from streaming import MDSWriter
+from conftest import REPO_ROOT, subprocess_env
+from streaming import MDSWriter, StreamingDataset
+from streaming.base.constant import SHM_TO_CLEAN
 
-from arra_ds.train.run_config import load_run_config
-from arra_ds.data.loader import DataConfig, build_dataloader, build_dataset, remove_stale_shared_memory
+from arra_ds.data.loader import (
+    DataConfig,
+    build_dataloader,
+    build_dataset,
+    ensure_streaming_env,
+    remove_stale_shared_memory,
+)
 from arra_ds.data.schema import SchemaError, columns_for
 from arra_ds.data.shards import ShardError
-from arra_ds.data.shm import streaming_shm_blocks
+from arra_ds.data.shm import serialised_get_shm_prefix, streaming_shm_blocks
 from arra_ds.tokens.vocab import build_debug_vocab
 from arra_ds.train.engine import DSConfigError, fill_ds_config, load_ds_config
-from conftest import REPO_ROOT, subprocess_env
+from arra_ds.train.run_config import load_run_config
 
 
 def _write(out, lengths, feature_dims=None, columns=None, samples_per_shard=None):
@@ -92,8 +102,8 @@ def test_a_filler_batch_takes_the_normal_path_and_zeroed_adds_nothing():
     """The filler must run the same modules and produce gradients for the same parameters as any batch
     (ZeRO-3 lock-step); multiplied by zero, as the loop does, it leaves every gradient at zero."""
     from arra_ds.data.loader import Collator, SampleConverter
-    from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
     from arra_ds.model.arra import build_model
+    from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
 
     cfg = load_run_config(None, ["align.feature_dim=4", "model.activation_checkpointing=false"])
     model = build_model(cfg.model, cfg.align)
@@ -175,8 +185,7 @@ def _hold_dataset(source, local):
 
 def test_stale_shared_memory_of_a_killed_run_is_removed_and_live_memory_kept(tmp_path):
     source = _write(tmp_path / "src", [6] * 8)
-    # One after the other: streaming picks the lowest free shm prefix, and two datasets built at the
-    # same moment can pick the same one.
+    # One after the other, so that each has built its dataset before the next (see the race test below).
     crashed = _hold_dataset(source, tmp_path / "cache_a")
     crashed_prefix = crashed.stdout.readline().strip()
     alive = _hold_dataset(source, tmp_path / "cache_b")
@@ -196,6 +205,57 @@ def test_stale_shared_memory_of_a_killed_run_is_removed_and_live_memory_kept(tmp
         assert any(b.startswith(alive_prefix + "_") for b in blocks)
     finally:
         alive.communicate("", timeout=60)
+
+
+_STREAMING_SCAN = streaming_prefix._check_and_find_retrying  # streaming's own, whatever a test patched in
+
+
+def _race_for_a_prefix(local, monkeypatch, get_shm_prefix, scan_wait_s: float) -> list[str]:
+    """Two StreamingDatasets on one local directory built at the same moment (two jobs on a host, e.g. the
+    study's parallel runs), as two threads: shm names and flocks are host-wide, so threads race as processes
+    do. Each stops after choosing its prefix until the other has chosen too (or ``scan_wait_s`` passes)."""
+    monkeypatch.setattr(streaming_dataset, "get_shm_prefix", get_shm_prefix)
+    both_chose = threading.Barrier(2, timeout=scan_wait_s)
+
+    def scan_then_wait(local_dirs, remote_dirs, shm_name, retry):
+        found = _STREAMING_SCAN(local_dirs, remote_dirs, shm_name, retry)
+        if shm_name == SHM_TO_CLEAN[-1]:  # the prefix is chosen (the last name scanned), not yet created
+            try:
+                both_chose.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return found
+
+    monkeypatch.setattr(streaming_prefix, "_check_and_find_retrying", scan_then_wait)
+    results = []
+
+    def build():
+        try:
+            dataset = StreamingDataset(local=str(local), batch_size=1)
+            results.append(f"prefix {dataset._shm_prefix_int}")
+        except Exception as e:
+            results.append(f"error {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(results)
+
+
+def test_two_jobs_building_datasets_at_once_claim_different_prefixes(tmp_path, monkeypatch):
+    source = _write(tmp_path / "src", [6] * 4)
+    # Streaming alone: both choose the same prefix, the second create fails (the flaky study failure).
+    plain = _race_for_a_prefix(source, monkeypatch, streaming_prefix.get_shm_prefix, scan_wait_s=60)
+    assert plain[0].startswith("error FileExistsError") and "_locals" in plain[0], plain
+    assert plain[1].startswith("prefix "), plain
+    # What every arra_ds process installs: the second scans only once the first has created its block
+    # (the first waits out scan_wait_s for a scan that cannot happen meanwhile), and takes the next prefix.
+    ensure_streaming_env()
+    assert streaming_dataset.get_shm_prefix is serialised_get_shm_prefix
+    serialised = _race_for_a_prefix(source, monkeypatch, serialised_get_shm_prefix, scan_wait_s=1)
+    assert all(line.startswith("prefix ") for line in serialised) and len(set(serialised)) == 2, serialised
 
 
 # ---- ds_config vs run config ---------------------------------------------------------------------

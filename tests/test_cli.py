@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO_ROOT, subprocess_env
 
 from arra_ds.cli import BAD_INPUT_EXIT_CODE, launcher_parser, parse_args, run_launcher
 from arra_ds.errors import ConfigError, UserError
 from arra_ds.generate.pipeline import GenerateConfig
-from conftest import REPO_ROOT, subprocess_env
 
 
 def test_a_user_error_is_one_line_and_exit_2(capsys):
@@ -53,7 +53,7 @@ def test_options_and_overrides_in_any_order():
 
 def test_help_lists_the_config_keys():
     text = launcher_parser("test", GenerateConfig).format_help()
-    assert "sampling.guidance_scale=4.0 (float)" in text and "samples_per_prompt=1 (int)" in text
+    assert "sampling.guidance_scale=None (float | None)" in text and "samples_per_prompt=1 (int)" in text
 
 
 @pytest.mark.parametrize("script, args, where", [
@@ -61,7 +61,9 @@ def test_help_lists_the_config_keys():
     ("launch/pretokenize.py", ["input=nowhere.json", "out_dir=out"], "input="),
     ("launch/train.py", ["align.layr=2"], "align.layr"),
     ("launch/pretokenize_imagefolder.py", ["input=nowhere", "out_dir=out"], "input="),
-    ("launch/eval_c2i.py", ["model=nowhere.pt", "sampling.cfg_scale=0.5", "vq_ckpt=nowhere.pt"], "vq_ckpt="),
+    ("launch/eval.py", ["model=runs/nonexistent", "sampling.guidance_scale=0.5"], "no such run directory"),
+    ("launch/generate.py", ["model=runs/nonexistent", "--prompt", "a red circle"], "no such run directory"),
+    ("launch/export_hf.py", ["runs/nonexistent", "out"], "no such run directory"),
 ])
 def test_launchers_print_a_user_error_as_one_line(script, args, where, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=tmp_path, env=subprocess_env(),

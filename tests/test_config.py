@@ -5,12 +5,12 @@ import torch
 import yaml
 
 from arra_ds import distributed
-from arra_ds.errors import ConfigError
-from arra_ds.train.run_config import load_run_config, RunConfig
 from arra_ds.config import save_config, to_dict
 from arra_ds.data.loader import resolve_feature_dim
+from arra_ds.errors import ConfigError
 from arra_ds.model.arra import AlignConfig
 from arra_ds.train.engine import DSConfigError, fill_ds_config
+from arra_ds.train.run_config import RunConfig, load_run_config
 
 
 def test_default_config_is_the_debug_recipe():
@@ -113,7 +113,7 @@ def test_paper_recipes_parse_and_carry_paper_settings(recipe, tmp_path):
     assert cfg.data.max_seq_len == 4096
     assert cfg.model.activation_checkpointing is True
     assert cfg.optim.grad_clip > 0
-    assert cfg.model.zero_image_head() == (cfg.model.source == "chameleon")
+    assert cfg.model.backbone.zero_image_head(cfg.model) == (cfg.model.source == "chameleon")
 
 
 def _ds(**zero):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from streaming import MDSWriter
 
-from arra_ds.demo.config import DemoDataConfig
-from arra_ds.demo.dataset import write_demo_dataset
 from arra_ds.data.loader import DataConfig, build_dataloader, build_dataset, feature_dim_of
 from arra_ds.data.schema import SchemaError, check_columns, columns_for
+from arra_ds.demo.config import DemoDataConfig
+from arra_ds.demo.dataset import write_demo_dataset
 from arra_ds.tokens.layout import IGNORE_INDEX
 from arra_ds.tokens.vocab import build_debug_vocab
 
@@ -28,7 +28,7 @@ def _loader(path, micro=4, feature="feat_demo", **data):
 
 def test_demo_set_has_the_schema_and_several_shards(demo):
     columns = check_columns(demo, "feat_demo")
-    assert columns == columns_for(["demo"])
+    assert columns == columns_for(["demo"], patch_features=True)  # feat_demo and patch_demo (align.feature=patch)
     assert len(json.loads((demo / "index.json").read_text())["shards"]) == 4
 
 
@@ -76,6 +76,25 @@ def test_an_epoch_sees_every_sample_once(demo):
 def test_missing_feature_column_lists_the_available_ones(demo):
     with pytest.raises(SchemaError, match=r"no feature column 'feat_clip'.*Features in it: \['demo'\]"):
         _loader(demo, feature="feat_clip")
+
+
+def test_patch_targets_come_with_their_grid(demo, tmp_path):
+    dataset, loader = _loader(demo, feature="patch_demo")
+    batch = next(iter(loader))
+    assert "target_features" not in batch and feature_dim_of(dataset, "patch_demo") == 32
+    assert batch["target_patches"].shape == (4, 16, 32) and batch["target_patches"].dtype == torch.float32
+    assert batch["patch_grid"].tolist() == [4, 4]  # the tiny demo encoder's 4 x 4 patches, raster order
+    with pytest.raises(SchemaError, match=r"no feature column 'patch_clip'.*Patch features in it: \['demo'\].*patch_features=true"):
+        _loader(demo, feature="patch_clip")
+
+    out = tmp_path / "odd"
+    with MDSWriter(out=str(out), columns=columns_for(["x"], patch_features=True)) as w:
+        for i in range(2):
+            w.write({"tokens": np.arange(8, dtype=np.int32), "prompt_len": np.int32(2), "feat_x": np.ones(3, np.float16),
+                     "patch_x": np.ones((6, 3), np.float16), "caption": "c", "uid": f"u{i}"})
+    _, loader = _loader(out, micro=2, feature="patch_x")
+    with pytest.raises(SchemaError, match="holds 6 patches, not a square grid"):
+        next(iter(loader))
 
 
 def test_not_an_mds_dir_is_explained(tmp_path):

@@ -1,13 +1,15 @@
 """Demo image data set: captions in the debug vocabulary, real pipeline output, meaningful codes, config checks."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from streaming import StreamingDataset
 
-from arra_ds.errors import ConfigError
-from arra_ds.train.run_config import load_run_config
+from arra_ds.data.images import pil_to_pixels
+from arra_ds.data.schema import check_columns
 from arra_ds.demo.config import DemoDataConfig
 from arra_ds.demo.dataset import (
     check_captions_in_vocabulary,
@@ -18,10 +20,9 @@ from arra_ds.demo.dataset import (
     write_demo_dataset,
 )
 from arra_ds.demo.scenes import BACKGROUNDS, MAX_CAPTION_WORDS, draw_scene, random_scene
-from arra_ds.data.images import pil_to_pixels
-from arra_ds.data.schema import check_columns
-from arra_ds.tokens.layout import tokens_to_image
-from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
+from arra_ds.errors import ConfigError
+from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer, tokens_to_image
+from arra_ds.train.run_config import load_run_config
 
 SMALL = DemoDataConfig(num_samples=48, code_size=8, feature_dim=8, num_image_codes=64, samples_per_shard=16, num_heldout=6)
 
@@ -57,6 +58,7 @@ def test_demo_data_set_through_the_real_pipeline(small_demo):
         assert codes.shape == (SMALL.code_size, SMALL.code_size)
         used |= set(codes.flatten().tolist())
         assert sample["feat_demo"].shape == (SMALL.feature_dim,)
+        assert sample["patch_demo"].shape == (16, SMALL.feature_dim)  # the tiny encoder's 4 x 4 patches
     assert len(used) >= SMALL.num_image_codes // 2  # the k-means codebook is in use, not collapsed
     assert len({s["tokens"].tobytes() for s in samples}) == len(samples)
 
@@ -95,6 +97,7 @@ def test_run_config_cross_checks():
     with pytest.raises(ConfigError, match="code_size=5 must be even"):
         load_run_config(None, ["demo.code_size=5"])
     load_run_config(None, ["align.weight=0", "align.encoder=none"])  # no alignment: the encoder is not used
+    assert load_run_config(None, ["align.feature=patch"]).align.feature_column == "patch_demo"  # the demo has patches
 
 
 def test_heldout_split_has_new_captions_through_the_same_pipeline(small_demo):
@@ -128,3 +131,27 @@ def test_demo_encoder_scores_demo_captions_without_truncation(small_demo):
     images = torch.zeros((2, 3, 128, 128), dtype=torch.uint8)
     scores = scorer.scores(images, captions[:2])
     assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_own_data_holds_the_scenes_in_every_input_format(small_demo, tmp_path):
+    """launch/demo_data.py's files: the same scenes as a table, pairs, shards and a conversation JSON, the demo's
+    models and a config that reads them (the README's "Your own data" runs them through the launcher)."""
+    import tarfile
+
+    from arra_ds.config import load_dataclass_config
+    from arra_ds.data.pretokenize import PretokenizeConfig, validate_pretokenize
+    from arra_ds.demo.own_data import OwnDataConfig, write_own_data
+
+    out = tmp_path / "my_data"
+    written = write_own_data(OwnDataConfig(out_dir=str(out), num_samples=5, samples_per_shard=2, seed=3, demo=SMALL))
+    assert written["samples"] == 5 and written["shards"] == 3
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == [(out / r["image"]).with_suffix(".txt").read_text().strip() for r in rows]
+    with tarfile.open(out / "shards" / "scenes-000002.tar") as tar:
+        assert tar.getnames() == ["scene-00004.png", "scene-00004.txt"]
+    assert (out / "models" / "vqgan.ckpt").read_bytes() == (small_demo / "models" / "vqgan.ckpt").read_bytes()
+    for source in ("captions.jsonl", "captions.csv", "images", "shards", "conversations.json"):
+        cfg = load_dataclass_config(PretokenizeConfig, out / "pretokenize.yaml", [f"input={out / source}", f"out_dir={tmp_path / 'x'}"])
+        report = validate_pretokenize(cfg)
+        assert (report["would_write"], report["would_skip"], report["feature_widths"]) == (5, 0, {"demo": SMALL.feature_dim})
+        assert report["grids"] == {f"{SMALL.code_size}x{SMALL.code_size}": 5}

@@ -23,10 +23,12 @@ import json
 import shutil
 import subprocess
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 
 from arra_ds import checkpoints
 from arra_ds.data.loader import DataConfig, resolve_canonical_nodes
@@ -36,7 +38,6 @@ from arra_ds.train.engine import DSConfigError, convert_to_universal, fill_ds_co
 from arra_ds.train.optim import OptimConfig
 from arra_ds.train.run_config import TrainConfig
 from arra_ds.train.sample_log import SampleLog, read_sample_logs
-from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 
 NUM_SAMPLES = 32
 GLOBAL_BATCH = 8
@@ -189,17 +190,16 @@ def test_the_conversion_refuses_without_disk_space(tmp_path, monkeypatch):
 def test_a_resumed_run_keeps_the_checkpoints_global_batch():
     resumed = ckpt.TrainerState(step=10, samples_seen=640, world_size=8, global_batch_size=64)
     train = TrainConfig(micro_batch_size=8)
-    ckpt.keep_global_batch(train, resumed, world=4)  # the job came back on half the nodes
-    assert train.global_batch_size == 64 and train.grad_accum_steps(4) == 2
+    global_batch = ckpt.resolve_global_batch(train, resumed, world=4)  # the job came back on half the nodes
+    assert global_batch == 64 and replace(train, global_batch_size=global_batch).grad_accum_steps(4) == 2
     fresh = TrainConfig(micro_batch_size=8)
-    ckpt.keep_global_batch(fresh, None, world=4)
-    assert fresh.global_batch_size == 32  # recorded: micro batch x ranks of the first start
+    assert ckpt.resolve_global_batch(fresh, None, world=4) == 32  # recorded: micro batch x ranks of the first start
     explicit = TrainConfig(micro_batch_size=8, global_batch_size=128)
-    ckpt.keep_global_batch(explicit, resumed, world=4)
-    assert explicit.global_batch_size == 128
+    assert ckpt.resolve_global_batch(explicit, resumed, world=4) == 128
+    assert train.global_batch_size == 0 and fresh.global_batch_size == 0  # the given configs are not changed
     with pytest.raises(checkpoints.CheckpointError, match=r"global batch of 64 samples.*16 ranks x "
                        r"train.micro_batch_size=8 = 128 samples per micro-step"):
-        ckpt.keep_global_batch(TrainConfig(micro_batch_size=8), resumed, world=16)
+        ckpt.resolve_global_batch(TrainConfig(micro_batch_size=8), resumed, world=16)
 
 
 def test_checkpoints_without_a_recorded_global_batch_derive_it(tmp_path):

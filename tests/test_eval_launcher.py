@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, free_port, launcher, subprocess_env
+from gen_helpers import PROMPTS, save_backbone_dir, save_vqgan, write_prompt_json
 
 from arra_ds.config import from_dict
 from arra_ds.eval.runner import EvalConfig, run_eval
-from conftest import REPO_ROOT, free_port, launcher, subprocess_env
-from gen_helpers import PROMPTS, save_backbone_dir, save_vqgan, write_prompt_json
 
 pytestmark = pytest.mark.slow
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from gen_helpers import drawn_image
 
 from arra_ds.eval.clip_score import RANDOM_CLIP_CONTEXT, build_clip_scorer, count_tokens
 from arra_ds.eval.msssim import MSSSIMConfig, diversity_ms_ssim, ms_ssim_per_pair
-from gen_helpers import drawn_image
 
 SMALL_WINDOW = MSSSIMConfig(win_size=3)  # 64-px test images; the default window needs > 160 px
 

@@ -4,12 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from arra_ds.eval.extractors import (
-    WeightsNotFoundError,
-    build_extractor,
-    state_dict_hash,
-    xrv_preprocess,
-)
+from arra_ds.eval.extractors import WeightsNotFoundError, build_extractor, state_dict_hash, xrv_preprocess
 from arra_ds.eval.fid import FeatureStats, StatsMismatchError, frechet_distance, load_stats, mean_and_covariance
 from arra_ds.eval.inception import FIDInceptionV3
 

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from gen_helpers import ImageSampler, image_tokens, tiny_backbone, tiny_vqgan
 
-from arra_ds.tokens.layout import tokens_to_image
-from arra_ds.generate.sampler import ImageSampler
-from arra_ds.generate.sampling import SamplingConfig
-from arra_ds.tokens.layout import ImageGrid
+from arra_ds.errors import ConfigError
 from arra_ds.generate.sampling import (
+    SamplingConfig,
     classifier_free_guidance,
     draw_uniforms,
     restrict_to,
@@ -15,8 +14,10 @@ from arra_ds.generate.sampling import (
     sample_top_k,
     seed_for_sample,
 )
-from gen_helpers import tiny_backbone, tiny_vqgan
-
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.debug import DEBUG
+from arra_ds.tokens.layout import ImageGrid
+from arra_ds.tokens.vocab import tokens_to_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,8 +81,8 @@ def test_batched_kv_cache_sampler_matches_reference(model, guidance):
     seeds = [seed_for_sample(7, k) for k in range(len(prompts))]
     batch = ImageSampler(backbone, vocab, cfg).generate(prompts, seeds)
     for i, (p, s) in enumerate(zip(prompts, seeds)):
-        image_tokens, text = reference_generate(backbone, vocab, cfg, p, s)
-        assert batch.image_tokens[i] == image_tokens
+        image_tokens_ref, text = reference_generate(backbone, vocab, cfg, p, s)
+        assert image_tokens(batch, i, vocab, cfg) == image_tokens_ref
         assert batch.text_tokens[i] == text
     assert batch.codes.shape == (3, 4, 6)
 
@@ -98,7 +99,7 @@ def test_guidance_one_is_plain_sampling(model):
     assert not torch.equal(a.codes, b.codes)  # guidance changes the images at all
     # plain sampling = the reference without an unconditional branch
     for i, p in enumerate(prompts):
-        assert a.image_tokens[i] == reference_generate(backbone, vocab, plain.cfg, p, [1, 2, 3][i])[0]
+        assert image_tokens(a, i, vocab, plain.cfg) == reference_generate(backbone, vocab, plain.cfg, p, [1, 2, 3][i])[0]
 
 
 def test_samples_do_not_depend_on_batch_mates(model):
@@ -158,7 +159,7 @@ def test_structure_constraint_always_gives_a_decodable_image(model):
     for height, width, guidance in [(64, 64, 1.0), (32, 96, 3.0), (96, 32, 4.0)]:
         cfg = SamplingConfig(height=height, width=width, guidance_scale=guidance, image_top_k=5)
         out = ImageSampler(backbone, vocab, cfg).generate([encode(vocab, "a red circle"), [vocab.id("blue")]], [3, 4])
-        for tokens in out.image_tokens:
+        for tokens in (image_tokens(out, i, vocab, cfg) for i in range(2)):
             codes = tokens_to_image(tokens, vocab)  # raises unless the layout is exact
             assert codes.shape == (height // 16, width // 16)
             body = [t for t in tokens[3:-1] if t != vocab.row_end_id]
@@ -194,10 +195,8 @@ def test_sample_top_k_draws():
 
 
 def test_sampling_config_errors():
-    from arra_ds.errors import ConfigError
-
     with pytest.raises(ConfigError, match="multiple of 32"):
-        SamplingConfig(height=500).validate()
+        DEBUG.sampling_grid(ModelConfig(), 500, 0)
     with pytest.raises(ConfigError, match="guidance_scale"):
         SamplingConfig(guidance_scale=0).validate()
     assert seed_for_sample(0, 1) != seed_for_sample(1, 0)

@@ -1,25 +1,22 @@
 """Prompt sources, model loading, launch/generate.py and reference statistics (launch/fid_stats.py)."""
 
 import json
-import runpy
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_launcher
+from gen_helpers import NUM_CODES, PROMPTS, save_backbone_dir, save_vqgan, write_mds, write_prompt_json
 from PIL import Image
 
-from arra_ds.tokens.layout import image_to_tokens
 from arra_ds.eval.fid import load_stats
-from arra_ds.generate.sampling import SamplingConfig
-from arra_ds.generate.loading import ModelLoadError, load_for_generation, load_vocab
+from arra_ds.generate.loading import ModelLoadError, load_for_generation, resolve_model
 from arra_ds.generate.pipeline import GenerateConfig, run_generate
 from arra_ds.generate.prompts import load_prompts
-from arra_ds.tokens.vocab import build_debug_vocab
-from conftest import REPO_ROOT
-from gen_helpers import NUM_CODES, PROMPTS, save_backbone_dir, save_vqgan, write_mds, write_prompt_json
-
+from arra_ds.generate.sampling import SamplingConfig
+from arra_ds.tokens.layout import image_to_tokens
+from arra_ds.tokens.vocab import VocabError, build_debug_vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,16 +27,6 @@ def assets(tmp_path_factory):
     (root / "model").mkdir()
     return {"root": root, "model": save_backbone_dir(root / "model"), "vqgan": save_vqgan(root),
             "json": write_prompt_json(root / "data"), "mds": write_mds(root / "mds")}
-
-
-def run_launcher(script: str, args: list[str]) -> int:
-    """Run a launch/ script's main() in this process (no interpreter start-up)."""
-    argv = sys.argv
-    sys.argv = [script, *args]
-    try:
-        return runpy.run_path(str(REPO_ROOT / "launch" / script), run_name="not_main")["main"]()
-    finally:
-        sys.argv = argv
 
 
 def test_prompt_sources(tmp_path, assets):
@@ -71,16 +58,21 @@ def test_prompt_sources(tmp_path, assets):
 
 
 def test_model_loading_errors(tmp_path, assets):
+    def load_vocab(path):
+        return resolve_model(path).vocab()
+
     assert load_vocab(assets["model"]).image_start_id == build_debug_vocab(num_image_codes=NUM_CODES).image_start_id
     with pytest.raises(ModelLoadError, match="neither"):
         load_vocab(tmp_path)
+    with pytest.raises(ModelLoadError, match="no such run directory"):
+        load_vocab(tmp_path / "nonexistent")
     other = build_debug_vocab(num_image_codes=NUM_CODES + 8)  # a tokenizer with other ids
     from arra_ds.tokens.vocab import build_debug_tokenizer
 
     build_debug_tokenizer(num_image_codes=NUM_CODES + 8).save(str(tmp_path / "other.json"))
     assert other.image_start_id != load_vocab(assets["model"]).image_start_id
-    with pytest.raises(ModelLoadError, match="disagree"):
-        load_for_generation(assets["model"], torch.float32, "cpu", tokenizer=str(tmp_path / "other.json"))
+    with pytest.raises(VocabError, match="disagree"):
+        load_for_generation(resolve_model(assets["model"]), torch.float32, "cpu", tokenizer=str(tmp_path / "other.json"))
 
 
 def test_generate_launcher_writes_pngs_and_resumes(tmp_path, assets):

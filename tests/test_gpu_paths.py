@@ -6,14 +6,14 @@ All `gpu`-marked: skipped without CUDA (tests/conftest.py); bench/gpu/run.sh run
 
 import pytest
 import torch
+from gen_helpers import ImageSampler, image_tokens, packed_batch, tiny_backbone, tiny_vqgan
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from arra_ds.generate.sampler import ImageSampler
 from arra_ds.generate.sampling import SamplingConfig
 from arra_ds.model.arra import build_model
-from arra_ds.tokens.layout import IGNORE_INDEX, conversation_tokens, image_to_tokens, tokens_to_image
+from arra_ds.tokens.layout import IGNORE_INDEX
+from arra_ds.tokens.vocab import tokens_to_image
 from arra_ds.train.run_config import load_run_config
-from gen_helpers import tiny_backbone, tiny_vqgan
 
 pytestmark = pytest.mark.gpu
 
@@ -28,27 +28,7 @@ def _model(dtype, device, *overrides):
 
 
 def _packed_batch(vocab, rows: int = 2, seed: int = 0) -> dict:
-    """(prompt + 4 x 4-code image) conversations packed back to back to SEQ_LEN, as the trainer's packed data:
-    attention_mask all ones, so attention needs no mask tensor (the case flash attention serves)."""
-    g = torch.Generator().manual_seed(seed)
-    words = [vocab.id(w) for w in "a red circle two blue squares at the top left".split()]
-    ids, labels = [], []
-    for _ in range(rows):
-        row_ids, row_labels = [], []
-        while len(row_ids) < SEQ_LEN:
-            prompt = [words[int(i)] for i in torch.randint(0, len(words), (5,), generator=g)]
-            codes = torch.randint(0, vocab.num_image_codes, (4, 4), generator=g)
-            tokens, prompt_len = conversation_tokens(prompt, image_to_tokens(codes, vocab), vocab)
-            row_ids += tokens
-            row_labels += [IGNORE_INDEX] * prompt_len + tokens[prompt_len:]
-        ids.append(row_ids[:SEQ_LEN])
-        labels.append(row_labels[:SEQ_LEN])
-    return {
-        "input_ids": torch.tensor(ids),
-        "labels": torch.tensor(labels),
-        "attention_mask": torch.ones(rows, SEQ_LEN, dtype=torch.long),
-        "target_features": torch.randn(rows, FEATURE_DIM, generator=g),
-    }
+    return packed_batch(vocab, rows, SEQ_LEN, code_side=4, prompt_len=5, feature_dim=FEATURE_DIM, seed=seed)
 
 
 def _loss_and_grads(model, batch):
@@ -107,8 +87,8 @@ def test_batched_sampler_on_cuda_is_reproducible_and_decodable():
     again = sampler.generate(prompts, [5, 6, 7])
     assert torch.equal(first.codes, again.codes)  # same seeds, same batch: the same images
     assert first.codes.shape == (3, 4, 6)
-    for tokens in first.image_tokens:
-        assert tokens_to_image(tokens, vocab).shape == (4, 6)  # raises unless the layout is exact
+    for i in range(3):
+        assert tokens_to_image(image_tokens(first, i, vocab, cfg), vocab).shape == (4, 6)  # raises unless the layout is exact
     pixels = tiny_vqgan().to("cuda").decode(first.codes.to("cuda"))
     assert pixels.shape == (3, 3, 64, 96)
     assert torch.isfinite(pixels).all() and pixels.min() >= -1 and pixels.max() <= 1

@@ -152,7 +152,8 @@ def _gpu_summary() -> dict:
         args = dict(shape="chameleon7b", layers=32, seq_len=4096, micro_batch=1, ds_config="bench/gpu/zero3_torch_adam.json",
                     steps=4, warmup=2)
         row = dict(mode=mode, layers=32, step_ms=step_ms, tokens_per_s_per_rank=4096 / step_ms * 1e3, forward_ms=1.0,
-                   backward_ms=2.0, optimizer_ms=0.5, peak_mem_gib=120.0, mfu=mfu, hfu=mfu * 1.3, peak_flops=989e12)
+                   backward_ms=2.0, optimizer_ms=0.5, peak_mem_gib=120.0, mfu=mfu, hfu=mfu * 1.3, peak_flops=989e12,
+                   planned_peak_gib=114.0, planned_parts_gib={"parameters": 13.0, "activations": 2.0})
         return {"args": args, "device": "NVIDIA H200", "results": [row]}
 
     results = {
@@ -185,6 +186,7 @@ def test_report_states_figures_and_goals(tmp_path, capsys):
     assert "Goal MFU >= 45% (ARRA on): 47.0%: **met**" in markdown
     assert "costs 1.00% of the step (goal < 2%): **met**" in markdown
     assert "| 32 | 4055 | 1010.0 |" in markdown  # tokens/s and step time of the ARRA row
+    assert "| 120.0 | 114.0 |" in markdown and "(planned / measured 0.95)" in markdown  # plan vs measured peak
     assert "**24.0x**" in markdown and "**5.0x**" in markdown
     short = report.render_short(summary)
     assert "train arra 32L: 4055 tok/s" in short and "ARRA / AR step time: 1.0100" in short
@@ -216,6 +218,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert lm_rows == ["eager", "compile", "chunked", "fused", "liger"]
     assert [r["name"] for r in results["align_kernel"]["rows"] if r["ms"] is not None] == ["eager", "compile", "fused"]
     assert results["train"]["arra_over_ar_step_time"] > 0
+    assert results["train"]["arra"]["results"][0]["planned_peak_gib"] > 0  # the memory plan of the same setting
     assert results["generate"]["speedup"] > 0 and results["pretokenize"]["speedup_median"] > 0
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(suite.OUT_FILES)

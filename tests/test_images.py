@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from arra_ds.errors import ConfigError
 from arra_ds.data.images import (
     ImagePreprocessConfig,
     VQImagePreprocessor,
@@ -15,6 +14,7 @@ from arra_ds.data.images import (
     pixels_to_pil,
     to_rgb,
 )
+from arra_ds.errors import ConfigError
 
 
 def test_crop_size_candidates_for_512():

@@ -20,16 +20,17 @@ from unittest import mock
 import pytest
 import torch
 
-from arra_ds.errors import ConfigError
-from arra_ds.train.run_config import load_run_config, RunConfig
 from arra_ds.data.loader import Collator
-from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
-from arra_ds.model.arra import AlignConfig, AlignHead, build_model
-from arra_ds.model.backbone import DebugModelConfig, LMHeadWithLoss, ModelConfig
-from arra_ds.tokens.layout import IGNORE_INDEX
-from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
-from arra_ds.tokens.vocab import build_debug_tokenizer
+from arra_ds.errors import ConfigError
 from arra_ds.kernels import ALIGN_MAX_FEATURE_DIM, check_launchable, triton_interpreter_enabled, use_fused_kernel
+from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
+from arra_ds.model.arra import AlignConfig, AlignHead, build_model
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.debug import DebugModelConfig
+from arra_ds.model.interface import LMHeadWithLoss
+from arra_ds.tokens.layout import IGNORE_INDEX, conversation_tokens, image_to_tokens
+from arra_ds.tokens.vocab import build_debug_tokenizer
+from arra_ds.train.run_config import RunConfig, load_run_config
 
 GRAD_REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 LOSS_REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -62,20 +63,24 @@ def leaf(x, dtype, device):
 # ------------------------------------------------------------------------------------------------
 
 
-def _align_inputs(n, h, d, b, dtype, device, empty_samples=(), seed=0):
-    """Random projector and rows; samples in ``empty_samples`` get no rows."""
+def _align_inputs(n, h, d, b, dtype, device, empty_samples=(), seed=0, per_row=False):
+    """Random projector and rows; samples in ``empty_samples`` get no rows. ``per_row``: one target row
+    per row (align.feature=patch), target [n + 3, d] with a shuffled ``target_idx``, rows of a sample
+    interleaved with other samples' rows."""
     g = torch.Generator().manual_seed(seed)
     owners = torch.tensor([s for s in range(b) if s not in empty_samples])
     sample_idx = owners[torch.randint(0, len(owners), (n,), generator=g)]
     inputs = dict(
         hidden=leaf(torch.randn(n, h, generator=g), dtype, device),
         sample_idx=sample_idx.to(device),
-        target=torch.randn(b, d, generator=g).to(device),  # fp32, like the data's features
+        target=torch.randn(n + 3 if per_row else b, d, generator=g).to(device),  # fp32, like the data's features
         fc1_w=leaf(torch.randn(d, h, generator=g) / h**0.5, dtype, device),
         fc1_b=leaf(0.1 * torch.randn(d, generator=g), dtype, device),
         fc2_w=leaf(torch.randn(d, d, generator=g) / d**0.5, dtype, device),
         fc2_b=leaf(0.1 * torch.randn(d, generator=g), dtype, device),
     )
+    if per_row:
+        inputs["target_idx"] = torch.randperm(n + 3, generator=g)[:n].to(device)
     return inputs
 
 
@@ -89,15 +94,17 @@ def _fp32_copies(inputs):
 def _check_align_against_reference(inputs, kind, dtype, upstream=1.0):
     from arra_ds.kernels.align_loss import fused_projection_loss, reference_projection_loss
 
-    loss, cos = fused_projection_loss(**inputs, kind=kind)
+    loss, cos, cos_first = fused_projection_loss(**inputs, kind=kind)
     grads = torch.autograd.grad(upstream * loss, [inputs[k] for k in GRAD_NAMES])
     ref_inputs = _fp32_copies(inputs)
-    ref_loss, ref_cos = reference_projection_loss(**ref_inputs, kind=kind)
+    ref_loss, ref_cos, ref_first = reference_projection_loss(**ref_inputs, kind=kind)
     ref_grads = torch.autograd.grad(upstream * ref_loss, [ref_inputs[k] for k in GRAD_NAMES])
 
     assert loss.dtype == torch.float32 and cos.dtype == torch.float32 and not cos.requires_grad
+    assert cos_first.dtype == torch.float32 and not cos_first.requires_grad
     assert_loss_close(loss, ref_loss, LOSS_REL_TOL[dtype], "loss")
     assert_loss_close(cos, ref_cos, LOSS_REL_TOL[dtype], "mean cosine")
+    assert_loss_close(cos_first, ref_first, LOSS_REL_TOL[dtype], "first-row cosine")
     for name, grad, ref in zip(GRAD_NAMES, grads, ref_grads):
         assert grad.dtype == dtype and grad.shape == ref.shape, name
         assert torch.count_nonzero(ref) > 0, f"degenerate test: reference grad of {name} is zero"
@@ -128,6 +135,15 @@ def test_align_kernel_mse_matches_reference(device, shape, dtype):
     _check_align_against_reference(_align_inputs(n, h, d, b, dtype, device, empty), "mse", dtype)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", ALIGN_SHAPES[1:], ids=lambda s: "N{}-H{}-D{}-B{}".format(*s[:4]))
+def test_align_kernel_with_one_target_row_per_row(device, shape, dtype, kind):
+    """align.feature=patch: target [M, D] read through target_idx, still averaged per sample."""
+    n, h, d, b, empty = shape
+    _check_align_against_reference(_align_inputs(n, h, d, b, dtype, device, empty, per_row=True), kind, dtype)
+
+
 def test_align_kernel_scales_with_upstream_gradient_and_leaves_target_alone(device):
     inputs = _align_inputs(37, 24, 16, 3, torch.float32, device, seed=1)
     inputs["target"].requires_grad_()
@@ -143,9 +159,9 @@ def test_align_kernel_projection_below_norm_eps(device):
     with torch.no_grad():
         inputs["fc2_w"].zero_()
         inputs["fc2_b"].zero_()
-    loss, cos = fused_projection_loss(**inputs)
+    loss, cos, _ = fused_projection_loss(**inputs)
     grads = torch.autograd.grad(loss, [inputs[k] for k in GRAD_NAMES])
-    ref_loss, _ = reference_projection_loss(**inputs)
+    ref_loss, _, _ = reference_projection_loss(**inputs)
     ref_grads = torch.autograd.grad(ref_loss, [inputs[k] for k in GRAD_NAMES])
     assert loss.item() == pytest.approx(1.0) and cos.item() == 0.0
     for name, grad, ref in zip(GRAD_NAMES, grads, ref_grads):
@@ -167,9 +183,13 @@ def test_align_kernel_rejects_bad_inputs(device):
     from arra_ds.kernels.align_loss import fused_projection_loss
 
     inputs = _align_inputs(7, 24, 16, 2, torch.float32, device)
-    with pytest.raises(ValueError, match="sample_idx holds indices >= the number of targets"):
+    with pytest.raises(ValueError, match="holds indices outside the M=2 target rows"):
         fused_projection_loss(**{**inputs, "sample_idx": inputs["sample_idx"] + 5})
-    with pytest.raises(ValueError, match=r"target must be \[B, D=16\]"):
+    with pytest.raises(ValueError, match="holds indices outside the M=2 target rows"):
+        fused_projection_loss(**inputs, target_idx=torch.full_like(inputs["sample_idx"], 2))
+    with pytest.raises(ValueError, match=r"target_idx must have shape \(7,\)"):
+        fused_projection_loss(**inputs, target_idx=inputs["sample_idx"][:3])
+    with pytest.raises(ValueError, match=r"target must be \[M, D=16\]"):
         fused_projection_loss(**{**inputs, "target": inputs["target"][:, :8]})
     with pytest.raises(ValueError, match="fc2_w is torch.bfloat16 but hidden is torch.float32"):
         fused_projection_loss(**{**inputs, "fc2_w": inputs["fc2_w"].bfloat16()})
@@ -338,12 +358,13 @@ def test_align_head_fused_branch_matches_torch_branch(device, kind):
     for mode in ("on", "off"):
         head.fused_kernels = mode
         head.zero_grad()
-        loss, cos = head(hidden, sample_idx, target)
+        loss, cos, cos_first = head(hidden, sample_idx, target)
         loss.backward()
-        results[mode] = (loss.detach(), cos, [p.grad.clone() for p in head.parameters()])
+        results[mode] = (loss.detach(), cos, cos_first, [p.grad.clone() for p in head.parameters()])
     assert_loss_close(results["on"][0], results["off"][0], 1e-5, "loss")
     assert_loss_close(results["on"][1], results["off"][1], 1e-5, "cos")
-    for grad, ref in zip(results["on"][2], results["off"][2]):
+    assert_loss_close(results["on"][2], results["off"][2], 1e-5, "cos_first")
+    for grad, ref in zip(results["on"][3], results["off"][3]):
         assert_close_rel(grad, ref, 1e-5, "projector grad")
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arra_ds.model.arra import aligned_positions
-from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
 from arra_ds.kernels.align_loss_torch import gva_loss
+from arra_ds.kernels.lm_loss_torch import chunked_lm_loss, reference_lm_loss
+from arra_ds.model.arra import aligned_positions
 
 
 def _lm_inputs(n=37, h=24, v=101, dtype=torch.float32, seed=0):
@@ -69,18 +69,21 @@ def test_chunked_lm_loss_with_no_rows_is_a_connected_zero():
     assert weight.grad is not None and torch.count_nonzero(weight.grad) == 0
 
 
-def _reference_gva(projected, sample_idx, targets, kind):
-    """Literal reading of the definition: per sample mean over its rows, then mean over samples."""
-    per_sample, cosines = [], []
-    for b in range(targets.shape[0]):
-        rows = projected[sample_idx == b]
-        if rows.shape[0] == 0:
+def _reference_gva(projected, sample_idx, targets, kind, target_idx=None):
+    """Literal reading of the definition: per sample mean over its rows, then mean over samples; the
+    first-row cosine is each sample's first row's cosine, averaged over samples."""
+    row_targets = targets[sample_idx if target_idx is None else target_idx]
+    per_sample, cosines, firsts = [], [], []
+    for b in range(int(sample_idx.max()) + 1):
+        mine = (sample_idx == b).nonzero().flatten()
+        if mine.numel() == 0:
             continue
-        t = targets[b].expand_as(rows)
+        rows, t = projected[mine], row_targets[mine]
         cos = F.cosine_similarity(rows, t, dim=-1)
         per_sample.append((1 - cos).mean() if kind == "cosine" else ((rows - t) ** 2).mean(-1).mean())
         cosines.append(cos.mean())
-    return torch.stack(per_sample).mean(), torch.stack(cosines).mean()
+        firsts.append(cos[0])
+    return torch.stack(per_sample).mean(), torch.stack(cosines).mean(), torch.stack(firsts).mean()
 
 
 @pytest.mark.parametrize("kind", ["cosine", "mse"])
@@ -90,18 +93,39 @@ def test_gva_loss_averages_per_sample_then_over_samples(kind):
     # sample 0 has 1 row, sample 1 none, sample 2 has 9, sample 3 has 3: unequal weights matter
     sample_idx = torch.tensor([0] + [2] * 9 + [3] * 3)
     projected = torch.randn(sample_idx.numel(), 16, generator=g, requires_grad=True)
-    loss, cos = gva_loss(projected, sample_idx, targets, kind)
-    ref_loss, ref_cos = _reference_gva(projected, sample_idx, targets, kind)
+    loss, cos, cos_first = gva_loss(projected, sample_idx, targets, kind)
+    ref_loss, ref_cos, ref_first = _reference_gva(projected, sample_idx, targets, kind)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cos, ref_cos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cos_first, ref_first.detach(), rtol=1e-5, atol=1e-6)
+    assert not cos.requires_grad and not cos_first.requires_grad
     loss.backward()
     assert projected.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_gva_loss_with_one_target_row_per_row(kind):
+    """target_idx: each row against its own target (align.feature=patch), still averaged per sample;
+    rows of a sample need not be contiguous, its first row is its lowest row number."""
+    g = torch.Generator().manual_seed(2)
+    sample_idx = torch.tensor([1, 1, 3, 1, 3, 0, 3, 3])
+    targets = torch.randn(sample_idx.numel(), 16, generator=g)
+    target_idx = torch.randperm(sample_idx.numel(), generator=g)
+    projected = torch.randn(sample_idx.numel(), 16, generator=g, requires_grad=True)
+    loss, cos, cos_first = gva_loss(projected, sample_idx, targets, kind, target_idx)
+    ref_loss, ref_cos, ref_first = _reference_gva(projected, sample_idx, targets, kind, target_idx)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cos, ref_cos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cos_first, ref_first.detach(), rtol=1e-5, atol=1e-6)
+    grad = torch.autograd.grad(loss, projected)[0]
+    ref_grad = torch.autograd.grad(ref_loss, projected)[0]
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_gva_loss_without_rows_is_zero():
     projected = torch.zeros(0, 8, requires_grad=True)
-    loss, cos = gva_loss(projected, torch.zeros(0, dtype=torch.long), torch.randn(2, 8))
-    assert loss.item() == 0.0 and cos.item() == 0.0
+    loss, cos, cos_first = gva_loss(projected, torch.zeros(0, dtype=torch.long), torch.randn(2, 8))
+    assert loss.item() == 0.0 and cos.item() == 0.0 and cos_first.item() == 0.0
 
 
 # ---- aligned positions over a right-padded, mixed-length batch built with the real layout -------

@@ -10,7 +10,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 
 pytestmark = pytest.mark.slow

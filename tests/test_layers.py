@@ -15,7 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "arra_ds"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("arra_ds", "arra_ds.errors", "arra_ds.warnings", "arra_ds.config", "arra_ds.distributed", "arra_ds.io", "arra_ds.cli"),
+    ("arra_ds", "arra_ds.errors", "arra_ds.warnings", "arra_ds.config", "arra_ds.distributed", "arra_ds.io", "arra_ds.cli",
+     "arra_ds.weights"),
     ("arra_ds.tokens",),
     ("arra_ds.kernels",),
     ("arra_ds.model",),
@@ -190,3 +191,25 @@ def test_no_top_level_kernels_module_is_installed():
     assert all(p == PACKAGE or p.startswith(PACKAGE + ".") for p in packages), packages
     link = REPO_ROOT / PACKAGE / "kernels"
     assert link.is_symlink() and link.resolve() == (REPO_ROOT / "kernels").resolve()
+
+
+# Backbone names: what model.source may be compared with only inside arra_ds/model/ (the registry and the backbones'
+# own modules). Everywhere else a backbone's capabilities go through its registry entry (model/interface.py Backbone).
+BACKBONE_NAMES = {"debug", "chameleon", "lumina_mgpt", "llamagen", "janus"}
+
+
+def _string_constants(node: ast.AST) -> set[str]:
+    return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def test_no_module_outside_model_compares_a_source_with_a_backbone_name():
+    found = []
+    for name, path in package_modules().items():
+        if name.startswith(f"{PACKAGE}.model"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                names = _string_constants(node) & BACKBONE_NAMES
+                if names:
+                    found.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}: compares with {sorted(names)}")
+    assert not found, "backbone names outside arra_ds/model/ (ask the registry entry instead):\n" + "\n".join(found)

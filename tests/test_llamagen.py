@@ -13,14 +13,10 @@ import pytest
 import torch
 
 from arra_ds.errors import ConfigError, InputNotFoundError, UserError
-from arra_ds.model.llamagen import (
-    LlamaGenCheckpointError,
-    LlamaGenConfig,
-    LlamaGenGPT,
-    apply_2d_rope,
-    build_2d_rope_table,
-    load_llamagen_checkpoint,
-)
+from arra_ds.model.llamagen.checkpoint import LlamaGenCheckpointError, load_llamagen_checkpoint
+from arra_ds.model.llamagen.config import LlamaGenConfig
+from arra_ds.model.llamagen.gpt import LlamaGenGPT
+from arra_ds.model.llamagen.layers import apply_2d_rope, build_2d_rope_table
 
 # A tiny model: head_dim 8 (two row pairs, two column pairs), a 4 x 4 code grid.
 TINY = {"n_layer": 2, "n_head": 2, "dim": 16, "vocab_size": 37, "block_size": 16, "num_classes": 5, "multiple_of": 8}

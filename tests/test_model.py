@@ -5,18 +5,18 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from gen_helpers import backbone_skeleton, load_backbone
 from transformers import ChameleonForConditionalGeneration
 
-from arra_ds.train.run_config import load_run_config
 from arra_ds.data.loader import Collator, SampleConverter
 from arra_ds.errors import ConfigError
-from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
 from arra_ds.model.arra import build_model
-from arra_ds.model.backbone import (
-    ModelConfig, ResidualDropout, add_residual_dropout, build_backbone_skeleton, debug_chameleon_config, load_backbone,
-)
-from arra_ds.tokens.layout import IGNORE_INDEX
+from arra_ds.model.chameleon import ResidualDropout, add_residual_dropout
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.debug import debug_chameleon_config
+from arra_ds.tokens.layout import IGNORE_INDEX, conversation_tokens, image_to_tokens
 from arra_ds.tokens.vocab import REP_TOKEN, build_debug_vocab
+from arra_ds.train.run_config import load_run_config
 
 
 def _sections(cfg):
@@ -252,7 +252,7 @@ def test_residual_dropout_comes_from_the_model_config_and_skeletons_have_none():
     model = build_model(*_sections(_cfg("model.residual_dropout=0.05")))
     hooks = [h for m in model.backbone.modules() for h in m._forward_hooks.values() if isinstance(h, ResidualDropout)]
     assert len(hooks) == 2 * model.backbone.config.num_hidden_layers and all(h.p == 0.05 for h in hooks)
-    skeleton, _ = build_backbone_skeleton(_cfg("model.residual_dropout=0.05").model)  # what generation loads into
+    skeleton, _ = backbone_skeleton(_cfg("model.residual_dropout=0.05").model)  # what generation loads into
     assert not any(isinstance(h, ResidualDropout) for m in skeleton.modules() for h in m._forward_hooks.values())
     with pytest.raises(ConfigError, match="model.residual_dropout=1.0 must be in"):
         ModelConfig(residual_dropout=1.0).validate()
@@ -371,6 +371,6 @@ def test_zero3_hooks_can_walk_the_model_output(monkeypatch):
     walked = zero_utils.apply_to_tensors_only(wrap, out, warning_msg_fn=lambda value: f"unknown {type(value)}")
     assert not warned
     assert type(walked) is type(out)
-    assert len(wrapped) == 5  # loss, loss_ar, loss_gva, loss_z, cos
+    assert len(wrapped) == 6  # loss, loss_ar, loss_gva, loss_z, cos, cos_first
     assert walked.num_tokens == out.num_tokens and walked.num_aligned == out.num_aligned
     assert torch.equal(walked.loss, out.loss) and walked.loss.requires_grad

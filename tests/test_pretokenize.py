@@ -11,14 +11,14 @@ from PIL import Image
 from streaming import StreamingDataset
 
 from arra_ds.config import load_dataclass_config
-from arra_ds.errors import ConfigError
 from arra_ds.data.features import EncoderSpec, build_tiny_open_clip_dir, build_tiny_sam_dir
 from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor
 from arra_ds.data.pretokenize import PretokenizeConfig, PretokenizeError, run_pretokenize
 from arra_ds.data.pretokenize.writer import PartWriter
 from arra_ds.data.schema import check_columns
-from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, ImageGrid, image_grid_of_sample, tokens_to_image
-from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
+from arra_ds.errors import ConfigError
+from arra_ds.tokens.layout import IMAGE_PLACEHOLDER, ImageGrid, image_grid_of_sample
+from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer, tokens_to_image
 from arra_ds.tokens.vqgan import VQGAN, VQGANConfig, fit_codebook
 from tests.conftest import REPO_ROOT, subprocess_env
 
@@ -269,3 +269,33 @@ def test_rep_token_opens_the_assistant_turn_and_changes_nothing_else(assets, tmp
         assert tokens[:prompt_len] + tokens[prompt_len + 1 :] == a["tokens"].tolist()
     with pytest.raises(PretokenizeError, match=r"\(rep_token changed\)"):  # a different layout never mixes in
         run_pretokenize(recipe_config(assets, tmp_path, "rep"))
+
+
+def test_patch_features_cover_the_vq_crop(assets, reference_run, tmp_path):
+    """patch_features=true: patch_<encoder> [P, D] of the picture the VQ codes cover (the crop, resized to the
+    encoder's input without its own crop); the global features and everything else are unchanged."""
+    from arra_ds.data.features import load_encoder
+    from arra_ds.data.loader import SampleConverter
+
+    _, _, reference = reference_run
+    out = tmp_path / "patches"
+    run_pretokenize(config(assets, out, patch_features=True))
+    columns = check_columns(out, "patch_clip")
+    assert columns["patch_clip"] == columns["patch_sam"] == "ndarray:float16"
+    samples = read_samples(out)
+    assert same_samples(samples, reference)
+    preprocess = VQImagePreprocessor(ImagePreprocessConfig(target_size=64))
+    encoders = {name: load_encoder(spec) for name, spec in (("clip", config(assets, out).encoders[0]),
+                                                              ("sam", config(assets, out).encoders[1]))}
+    by_uid = {s["uid"]: s for s in samples}
+    for index, it in enumerate(assets["items"]):
+        if index in BAD:
+            continue
+        sample = by_uid[it["image"][0]]
+        crop = preprocess.crop(Image.open(assets["root"] / it["image"][0]))
+        for name, encoder in encoders.items():
+            expected = encoder.encode_patches(encoder.patch_preprocess(crop)[None])[0]
+            np.testing.assert_allclose(sample[f"patch_{name}"].astype(np.float32), expected.float().numpy(), atol=2e-3)
+        assert sample["patch_clip"].shape == (16, 32) and sample["patch_sam"].shape == (16, 16)  # 4 x 4 patches each
+    item = SampleConverter("patch_clip", max_seq_len=10_000, overlong="error")(samples[0])
+    assert item["target_patches"].shape == (16, 32) and "target_features" not in item

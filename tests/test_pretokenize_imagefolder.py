@@ -166,3 +166,18 @@ def test_launcher_and_training_loader(assets, tmp_path):
     assert batch["input_ids"].shape == batch["labels"].shape == (2, GRID * GRID)  # never padded
     assert torch.equal(batch["input_ids"], batch["labels"]) and batch["class_ids"].tolist() == [0, 0]
     assert batch["target_features"].shape == (2, 32) and batch["attention_mask"].all()
+
+
+def test_patch_features_of_each_crop(assets, tmp_path):
+    out = tmp_path / "patches"
+    run_pretokenize_imagefolder(config(assets, out, patch_features=True, crops="center_flip"))
+    assert check_columns(out, "patch_clip", class_conditional=True)["patch_clip"] == "ndarray:float16"
+    encoder = load_encoder(EncoderSpec("clip", "open_clip", path=str(assets["clip"])))
+    by_uid = {s["uid"]: s for s in read_samples(out)}
+    path = assets["images"][0][0]
+    crop = resize_and_center_crop(Image.open(assets["root"] / "train" / path).convert("RGB"), (IMAGE_SIZE, IMAGE_SIZE))
+    for name, picture in (("center", crop), ("flip", crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT))):
+        sample = by_uid[f"{path}#{name}"]
+        expected = encoder.encode_patches(encoder.patch_preprocess(picture)[None])[0]
+        assert sample["patch_clip"].shape == (16, 32)
+        np.testing.assert_allclose(sample["patch_clip"].astype(np.float32), expected.float().numpy(), atol=2e-3)

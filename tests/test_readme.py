@@ -1,5 +1,6 @@
 """The README's first hour, run as written: the run parts of the two set-up commands and every command of
-"Your first hour", in a fresh copy of the checkout, on the demo data.
+"Your first hour", in a fresh copy of the checkout, on the demo data; then every command of "Your own
+data" (the demo's scenes written as a user's data, pre-tokenised from each input format) in that checkout.
 
 ARRA_DS_MAX_STEPS shortens training (launch/train.py); nothing else differs from what a user types. A
 README edit that breaks a command fails here. Also checked on what the commands leave behind: the
@@ -23,20 +24,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from PIL import Image
 
 from arra_ds import warnings as known_warnings
 from arra_ds.checkpoints import RUN_DATA_FILE, load_trained_backbone
-from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 SETUP_SECTION = "## Two commands"
 FIRST_HOUR_SECTION = "## Your first hour"
+OWN_DATA_SECTION = "## Your own data"
+OWN_DATA_SCENES = 64  # launch/demo_data.py's num_samples default
+# "Your own data": the data set each pre-tokenization command writes, and the input format it reads
+OWN_DATA_SETS = {"my_data/mds_table": "table", "my_data/mds_pairs": "pairs", "my_data/mds_shards": "webdataset",
+                 "my_data/mds_conversations": "conversation"}  # fmt: skip
 SHORT_RUN_STEPS = 4  # ARRA_DS_MAX_STEPS: the in-training grid still runs (at the last step)
 COMMAND_TIMEOUT_S = 1200
 TENSORBOARD_START_S = 120
-WARNING_LINE = re.compile("warn", re.IGNORECASE)  # "Warning", "WARNING", "warn", "warnings" ...
+WARNING_LINE = re.compile("warn|deprecat", re.IGNORECASE)  # "Warning", "warn", "warnings", "is deprecated" ...
 
 
 def section(text: str, title: str) -> str:
@@ -68,6 +74,11 @@ def readme_walk() -> list[str]:
     first_hour = code_commands(section(text, FIRST_HOUR_SECTION))
     assert len(first_hour) >= 5, first_hour
     return [setup[0], *first_hour, setup[1]]
+
+
+def own_data_commands() -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    return code_commands(section(text, OWN_DATA_SECTION))
 
 
 def fresh_checkout(dest: Path) -> Path:
@@ -112,6 +123,16 @@ def serve_tensorboard(command: str, cwd: Path, env: dict) -> str:
     return output
 
 
+def run_as_written(command: str, checkout: Path, env: dict) -> str:
+    """One README command in the checkout, as a user's shell runs it; its console output."""
+    run = f"{command} --collect-only -q" if command == "python -m pytest" else command
+    proc = subprocess.run(["bash", "-c", run], cwd=checkout, env=env, capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{output[-5000:]}"
+    return output
+
+
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
@@ -122,13 +143,16 @@ def walk(tmp_path_factory):
         if command.startswith("tensorboard "):
             outputs[command] = serve_tensorboard(command, checkout, env)
             continue
-        run = f"{command} --collect-only -q" if command == "python -m pytest" else command
-        proc = subprocess.run(["bash", "-c", run], cwd=checkout, env=env, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT_S)
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{output[-5000:]}"
-        outputs[command] = output
+        outputs[command] = run_as_written(command, checkout, env)
     return checkout, outputs
+
+
+@pytest.fixture(scope="module")
+def own_data(walk):
+    """"Your own data" after the walk, in its checkout and cache (the demo's models are built by then)."""
+    checkout, _ = walk
+    env = walk_env(checkout.parent / "cache")
+    return checkout, {command: run_as_written(command, checkout, env) for command in own_data_commands()}
 
 
 def command_starting(outputs: dict, prefix: str) -> list[str]:
@@ -142,6 +166,33 @@ def test_the_walk_is_train_watch_generate_evaluate_export_load():
     assert len(walk) == len(kinds) and all(c.startswith(k) for c, k in zip(walk, kinds)), walk
 
 
+def test_own_data_writes_the_scenes_then_checks_them_then_reads_every_input_format():
+    commands = own_data_commands()
+    assert commands[0].startswith("python launch/demo_data.py") and "validate=true" in commands[1], commands
+    assert [c.split("out_dir=")[1].split()[0] for c in commands[2:]] == list(OWN_DATA_SETS), commands
+
+
+def test_own_data_in_every_format_becomes_the_same_samples(own_data):
+    from streaming import StreamingDataset
+
+    checkout, outputs = own_data
+    dry_run = outputs[own_data_commands()[1]]
+    assert f"would write {OWN_DATA_SCENES} samples" in dry_run and "skip 0" in dry_run and "tokens per sample" in dry_run
+    assert not (checkout / "my_data" / "mds").exists()  # the dry run wrote nothing
+    captions = None
+    for out_dir, input_format in OWN_DATA_SETS.items():
+        report = json.loads((checkout / out_dir / "report.json").read_text())
+        assert (report["input_format"], report["written"], report["skipped"]) == (input_format, OWN_DATA_SCENES, 0)
+        dataset = StreamingDataset(local=str(checkout / out_dir), shuffle=False, batch_size=1)
+        found = sorted(dataset[i]["caption"] for i in range(len(dataset)))
+        captions = captions or found
+        assert found == captions and len(set(found)) > 1, out_dir
+    unexplained = [(command.split()[:2], line) for command, output in outputs.items()
+                   for line in output.replace("\r", "\n").splitlines()
+                   if WARNING_LINE.search(line) and not known_warnings.is_known(line)]  # fmt: skip
+    assert not unexplained, unexplained
+
+
 def test_the_run_has_its_pictures_and_data_record(walk):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -150,6 +201,9 @@ def test_the_run_has_its_pictures_and_data_record(walk):
     record = json.loads((run / RUN_DATA_FILE).read_text())
     assert (record["code_height"], record["code_width"]) == (8, 8) and record["heldout_prompts"]
     assert Image.open(run / "samples.png").size[0] > 4 * 128  # a grid of 16 images of 128 px
+    prompts = (run / "samples.txt").read_text().splitlines()  # the grid's prompts, tile by tile (also under each tile)
+    assert len(prompts) == 16 and all(line.split("\t")[1].strip() for line in prompts)
+    assert (run / "assets" / "assets.json").is_file()  # what inference needs from outside the run
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("eval/samples")] == [SHORT_RUN_STEPS]

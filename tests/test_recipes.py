@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from gen_helpers import backbone_skeleton, load_backbone
 from PIL import Image
 from transformers import ChameleonForConditionalGeneration
 
@@ -15,9 +16,9 @@ from arra_ds.config import load_dataclass_config, to_dict
 from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor
 from arra_ds.data.pretokenize import PretokenizeConfig
 from arra_ds.model.arra import ARRAModel
-from arra_ds.model.backbone import (
-    ChameleonAdapter, ModelConfig, ResidualDropout, add_residual_dropout, build_backbone_skeleton, debug_chameleon_config, load_backbone,
-)
+from arra_ds.model.chameleon import ChameleonAdapter, ResidualDropout, add_residual_dropout
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.debug import debug_chameleon_config
 from arra_ds.tokens.layout import ImageGrid
 from arra_ds.tokens.vocab import build_debug_vocab
 from arra_ds.train.engine import fill_ds_config
@@ -47,7 +48,7 @@ COMMON = {
     "optim.decay_params": "all", "optim.weight_decay": 0.05, "optim.lr": 2e-5, "optim.betas": [0.9, 0.95],
     "optim.eps": 1e-8, "optim.grad_clip": 4.0, "optim.schedule": "constant", "optim.warmup_steps": 0,
     "optim.warmup_epochs": 0.01, "optim.master_weights": "fp32",
-    "train.precision": "bf16", "train.micro_batch_size": 12, "train.global_batch_size": 96, "train.max_steps": 23040,
+    "train.precision": "bf16", "train.micro_batch_size": 12, "train.global_batch_size": 96, "train.max_steps": 0, "train.epochs": 10,
     "data.max_seq_len": 4096,
 }  # fmt: skip
 EXPECTED = {
@@ -55,7 +56,7 @@ EXPECTED = {
     ADAPT: {**COMMON, "model.source": "lumina_mgpt", "model.init_image_head": "keep"},
 }
 EXPECTED_PRETOKENIZE = {"image.crop": "square", "image.target_size": 512}
-PAPER_BATCH = ["train.micro_batch_size=6", "train.global_batch_size=24", "train.max_steps=92180"]
+PAPER_BATCH = ["train.micro_batch_size=6", "train.global_batch_size=24"]
 
 
 def _checkpoint_dir(tmp_path, shape: dict) -> str:
@@ -85,13 +86,13 @@ def test_recipe_resolves_to_the_table(recipe, tmp_path):
     cfg = _load(recipe, tmp_path)
     for key, expected in EXPECTED[recipe].items():
         assert _value(cfg, key) == pytest.approx(expected) if isinstance(expected, float) else _value(cfg, key) == expected, key
-    assert cfg.model.zero_image_head() == (recipe == ARRA)
+    assert cfg.model.backbone.zero_image_head(cfg.model) == (recipe == ARRA)
 
 
 @pytest.mark.parametrize("recipe", [ARRA, ADAPT])
 def test_recipe_builds_the_7b_shape_without_weights(recipe, tmp_path):
     cfg = _load(recipe, tmp_path)
-    backbone, vocab = build_backbone_skeleton(cfg.model)
+    backbone, vocab = backbone_skeleton(cfg.model)
     assert backbone.config.hidden_size == 4096 and len(backbone.model.layers) == 32
     assert backbone.model.layers[0].mlp.down_proj.weight.is_meta
     add_residual_dropout(backbone, cfg.model.residual_dropout)
@@ -115,7 +116,8 @@ def test_recipe_builds_the_7b_shape_without_weights(recipe, tmp_path):
 def test_recipe_batch_and_schedule_in_both_forms(recipe, tmp_path, monkeypatch):
     cfg = _load(recipe, tmp_path)
     epoch = steps_per_epoch(MIMIC_TRAIN_PAIRS, cfg.train.global_batch_size)
-    assert epoch == 2304 and cfg.train.max_steps == 10 * epoch  # the reference: 10 epochs
+    # the reference: 10 epochs, resolved from the data's size
+    assert epoch == 2304 and cfg.train.resolved_max_steps(MIMIC_TRAIN_PAIRS) == 10 * epoch == 23040
     assert cfg.optim.resolved_warmup_steps(epoch) == 23  # 0.01 epoch
     assert cfg.train.grad_accum_steps(8) == 1 and cfg.train.grad_accum_steps(4) == 2  # 12 x 8 = 96 on any count
     monkeypatch.setattr(distributed, "device", lambda: torch.device("cuda"))  # bf16 is refused on the CPU
@@ -125,7 +127,7 @@ def test_recipe_batch_and_schedule_in_both_forms(recipe, tmp_path, monkeypatch):
     assert ds["gradient_clipping"] == 4.0 and ds["optimizer"]["params"]["weight_decay"] == 0.05
     paper = _load(recipe, tmp_path, *PAPER_BATCH)  # "batch size of 6" on 4 GPUs
     assert paper.train.grad_accum_steps(4) == 1 and paper.train.micro_batch_size * 4 == 24
-    assert paper.train.max_steps == 10 * steps_per_epoch(MIMIC_TRAIN_PAIRS, 24)
+    assert paper.train.resolved_max_steps(MIMIC_TRAIN_PAIRS) == 10 * steps_per_epoch(MIMIC_TRAIN_PAIRS, 24) == 92180
 
 
 def test_recipe_pretokenization_is_the_square_512_centre_crop():

@@ -25,17 +25,18 @@ import psutil
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 from streaming import MDSWriter
 
-from arra_ds.demo.config import DEMO_ENCODER, DemoDataConfig
+from arra_ds import checkpoints
 from arra_ds.data.schema import columns_for
+from arra_ds.demo.config import DEMO_ENCODER, DemoDataConfig
+from arra_ds.model.arra import AlignConfig
 from arra_ds.tokens.layout import conversation_tokens, image_to_tokens
 from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
-from arra_ds import checkpoints
 from arra_ds.train import checkpoint as ckpt
 from arra_ds.train.preemption import REQUEUE_EXIT_CODE
 from arra_ds.train.sample_log import read_sample_logs
-from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +44,8 @@ NUM_SAMPLES = 48  # 6 steps per epoch at 2 ranks x 4: 10 steps cover one full ep
 MAX_STEPS = 10
 MAX_SEQ_LEN = 128  # an 8x8-code demo sample has ~90 tokens, a 16x16 one ~290
 TIMING_KEYS = {"tokens_per_s", "mfu"}
+# lambda ramps up over 3 steps, decays (cosine) and stops at step 8: the crash (step 6) and the resumes fall inside it
+ALIGN_SCHEDULE = ("align.schedule=cosine", "align.warmup_steps=3", "align.stop_step=8")
 
 
 def _token_sample(index: int, code_size: int, vocab, tokenizer, rng, feature_dim: int) -> dict:
@@ -85,7 +88,7 @@ def _command(run_dir, data_dir, *extra):
         f"data.max_seq_len={MAX_SEQ_LEN}", "data.overlong=skip", "train.micro_batch_size=4",
         f"train.max_steps={MAX_STEPS}", "train.save_every=2", "train.keep_last=2", "train.log_every=1",
         "train.log_samples=true", "train.progress_bar=false", "optim.warmup_steps=2", "model.attention_dropout=0.1",
-        *extra,
+        *ALIGN_SCHEDULE, *extra,
     ]
 
 
@@ -234,6 +237,11 @@ def test_resumed_runs_reproduce_the_uninterrupted_run_bitwise(reference, interru
     for want, have in zip(expected, got):
         for key in want.keys() - TIMING_KEYS:
             assert have[key] == want[key], (want["step"], key, want[key], have[key])  # exact JSON floats
+    # the logged lambda is the schedule's formula at every step, across the kill -9 and the preemption
+    schedule = AlignConfig(**dict(key.removeprefix("align.").split("=") for key in ALIGN_SCHEDULE))
+    schedule.warmup_steps, schedule.stop_step = int(schedule.warmup_steps), int(schedule.stop_step)
+    assert [r["align_weight"] for r in got] == pytest.approx([schedule.align_weight_at(s, MAX_STEPS) for s in range(MAX_STEPS)])
+    assert all(r["cos"] is None for r in got[8:]) and all(r["cos"] is not None for r in got[:8])
 
 
 def test_every_sample_is_seen_exactly_once_per_epoch_across_the_interruptions(reference, interrupted):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, subprocess_env
 
 from arra_ds.demo.attributes import AttributeNetConfig, SceneAttributeNet, load_attribute_net, save_attribute_net
 from arra_ds.demo.config import DemoDataConfig
@@ -22,7 +23,6 @@ from arra_ds.study.judge import CodePainter, attribute_accuracy, prompt_fidelity
 from arra_ds.study.paths import StudyPaths
 from arra_ds.study.report import compare
 from arra_ds.study.runs import train_command, train_run_config
-from conftest import REPO_ROOT, subprocess_env
 
 
 def test_captions_parse_back_to_their_scenes():

@@ -5,12 +5,27 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from arra_ds.tokens.layout import image_part_length, IMAGE_PLACEHOLDER, image_to_tokens, labels_for, tokens_to_image
-from arra_ds.tokens.conversation import ConversationError, ConversationTokenizer, load_text_tokenizer, text_to_image_sample
-from arra_ds.tokens.layout import IGNORE_INDEX
+from arra_ds.tokens.conversation import (
+    ConversationError,
+    ConversationTokenizer,
+    load_text_tokenizer,
+    text_to_image_sample,
+)
+from arra_ds.tokens.layout import IGNORE_INDEX, IMAGE_PLACEHOLDER, image_part_length, image_to_tokens, labels_for
 from arra_ds.tokens.vocab import (
-    BOS, END_OF_TURN, EOS, GRID_TOKEN_BASE, IMAGE_END, IMAGE_START, PAD, ROW_END, ChameleonVocab,
-    build_debug_tokenizer, grid_token_name, image_code_token_name,
+    BOS,
+    END_OF_TURN,
+    EOS,
+    GRID_TOKEN_BASE,
+    IMAGE_END,
+    IMAGE_START,
+    PAD,
+    ROW_END,
+    ChameleonVocab,
+    build_debug_tokenizer,
+    grid_token_name,
+    image_code_token_name,
+    tokens_to_image,
 )
 
 NUM_CODES = 64

@@ -4,7 +4,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -64,11 +63,16 @@ def test_zero3_two_ranks_learn_checkpoint_and_resume(tmp_path):
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     """Same global batch (8) as 1 rank x 2 accumulation steps and 2 ranks x 1: the same samples form
-    each optimizer step, so the losses agree up to fp32 summation order."""
-    common = ["train.max_steps=6", "train.global_batch_size=8", "train.save_every=100"]
+    each optimizer step, so the losses agree up to fp32 summation order. With patch targets
+    (align.feature=patch: the demo's patch features, one target per aligned position), which take the
+    global path's every distributed step and add the per-sample code grids. The length is train.epochs:
+    0.375 x (128 samples // global batch 8) = 6 steps, on 1 rank and on 2."""
+    common = ["train.max_steps=0", "train.epochs=0.375", "train.global_batch_size=8", "train.save_every=100",
+              "align.feature=patch"]
     run_deepspeed(1, tmp_path / "one", *common)
     run_deepspeed(2, tmp_path / "two", *common)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
     for a, b in zip(one, two):
         assert a["step"] == b["step"]
         for key in ("loss", "loss_ar", "loss_gva", "cos"):

@@ -7,17 +7,18 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from arra_ds.errors import ConfigError
-from arra_ds.train.run_config import load_run_config
-from arra_ds.demo.config import DemoDataConfig
-from arra_ds.demo.dataset import demo_dir
-from arra_ds.generate.sampling import SamplingConfig
-from arra_ds.generate.pipeline import GenerateConfig, run_generate
-from arra_ds.tokens.vqgan import VQGAN, VQGANConfig
 from conftest import REPO_ROOT, free_port, launcher, subprocess_env
 from gen_helpers import TINY_VQ
+from PIL import Image
+
+from arra_ds.demo.config import DemoDataConfig
+from arra_ds.demo.dataset import demo_dir
+from arra_ds.errors import ConfigError
+from arra_ds.generate.pipeline import GenerateConfig, run_generate
+from arra_ds.generate.sampling import SamplingConfig
+from arra_ds.model.config import ModelConfig
+from arra_ds.tokens.vqgan import VQGAN, VQGANConfig
+from arra_ds.train.run_config import load_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -99,11 +100,12 @@ def test_eval_every_needs_a_decoder(tmp_path):
     from arra_ds.eval.train_eval import TrainEvalConfig, TrainEvaluator, build_train_evaluator
 
     load_run_config(None, ["train.eval_every=10", f"output_dir={tmp_path}"])  # the demo data names its VQGAN
-    with pytest.raises(ConfigError, match="go together"):
+    with pytest.raises(ConfigError, match="goes with eval.vqgan_checkpoint"):
         load_run_config(None, ["train.eval_every=10", "eval.vqgan_config=x.yaml"])
     with pytest.raises(ConfigError, match="eval.vqgan_config=x.yaml does not exist"):
         load_run_config(None, ["train.eval_every=10", "eval.vqgan_config=x.yaml", "eval.vqgan_checkpoint=x.ckpt"])
-    with pytest.raises(ConfigError, match="pass eval.vqgan_config=<vqgan.yaml> eval.vqgan_checkpoint=<vqgan.ckpt>"):
-        TrainEvaluator(TrainEvalConfig(), None, None, tmp_path, torch.device("cpu"), source="", data=RunData())
+    with pytest.raises(ConfigError, match="pass eval.vqgan_config=<config> eval.vqgan_checkpoint=<weights>"):
+        TrainEvaluator(TrainEvalConfig(), ModelConfig(), None, None, tmp_path, torch.device("cpu"), source="", data=RunData())
     # the trainer builds none then (the embedded config's eval_every on data of unknown origin) and says why
-    assert build_train_evaluator(TrainEvalConfig(), None, None, tmp_path, torch.device("cpu"), "", RunData()) is None
+    assert build_train_evaluator(TrainEvalConfig(), ModelConfig(), None, None, tmp_path, torch.device("cpu"), "",
+                                 RunData()) is None

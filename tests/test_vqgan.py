@@ -132,7 +132,7 @@ def test_strict_load_rejects_missing_extra_and_misshaped(tiny_vqgan, tmp_path):
     config = yaml.safe_load(yaml_path.read_text())
     config["model"]["params"]["embed_dim"] = 4
     yaml_path.write_text(yaml.safe_dump(config))
-    with pytest.raises(VQGANError, match="shape mismatch"):
+    with pytest.raises(VQGANError, match="tensor shapes differ"):
         VQGAN.from_original(yaml_path, ckpt_path)
 
 

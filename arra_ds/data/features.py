@@ -1,17 +1,34 @@
-"""Frozen foundation encoders that give the global image feature f_GF of ARRA's alignment loss.
+"""Frozen foundation encoders that give the image features of ARRA's alignment loss.
 
 A small registry: each ``EncoderSpec`` names a loader ``kind`` and where its weights are, and each
 loaded ``FeatureEncoder`` declares its own preprocessing (``preprocess``: PIL image -> [3, H, W]
 tensor, picklable so DataLoader workers run it) whose resize / normalisation constants come from
 the library's config (open_clip's ``preprocess_cfg``, the checkpoint's ``preprocessor_config.json``
-for SAM), and encodes batches to fp16 features [B, D].
+for SAM and Hugging Face towers, timm's ``pretrained_cfg``), and encodes batches to fp16 global
+features [B, D] (``encode``) and, for ``align.feature=patch``, patch features [B, P, D]
+(``encode_patches``, from the whole picture resized to the encoder's input: ``patch_preprocess``).
 
-Kinds and aggregations (paper sec. 3 and Table 4):
+Kinds and aggregations of the global feature (paper sec. 3 and Table 4); patches are always the
+per-patch tokens through the same projection / head as the global feature:
     open_clip  BiomedCLIP, CLIP. cls = the pooled [CLS] embedding after the projection (what
                ``encode_image`` / HF ``get_image_features`` return, unnormalised); avgpool = the mean
                of the patch tokens through the same projection; concat = [cls, avgpool] (2D wide).
     sam        MedSAM, SAM (transformers ``SamModel`` vision encoder). avgpool = mean over the
                neck's [B, 256, 64, 64] output (the reference's AdaptiveAvgPool2d); SAM has no [CLS].
+               Patches: the neck's 64 x 64 grid.
+    hf         a transformers ``AutoModel`` vision tower (DINOv2, DINOv2 with registers, SigLIP; the
+               vision tower of a dual model). cls = ``pooler_output``: DINOv2's [CLS] after the final
+               layernorm, SigLIP's attention-pool head; patches = ``last_hidden_state`` without the
+               [CLS] / register tokens (DINOv2: ``last_hidden_state[:, 1 + registers:]``, as REPA's
+               ``x_norm_patchtokens``); avgpool = their mean.
+    timm       a timm model saved with ``timm.models.save_for_hf`` (config.json + weights). cls = the
+               model's own pooling (``forward_head(forward_features(x), pre_logits=True)``: the [CLS]
+               token of a ViT, average pooling of a CNN); patches = ``forward_features`` without the
+               prefix tokens; avgpool = their mean.
+
+Every encoder is frozen and in eval mode once loaded (``load_encoder``): an encoder left in train
+mode (dropout, batch statistics) silently changes the targets (sihyun-yu/REPA issue 45: MAE and
+I-JEPA were loaded in train mode).
 
 Weights come from a local path (``EncoderSpec.path``) or the library's own Hugging Face cache; this
 module never downloads. ``build_tiny_open_clip_dir`` / ``build_tiny_sam_dir`` write small random
@@ -26,6 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
@@ -50,11 +68,13 @@ class EncoderError(UserError, ValueError):
 class EncoderSpec:
     """Which encoder, where its weights are, and how its tokens become one global feature."""
 
-    name: str  # MDS column feat_<name>
-    kind: Literal["open_clip", "sam"]
-    model: str = ""  # open_clip: built-in arch ("ViT-L-14") or "hf-hub:org/repo"; sam: HF repo id
+    name: str  # MDS column feat_<name> (and patch_<name> with patch features)
+    kind: Literal["open_clip", "sam", "hf", "timm"]
+    model: str = ""  # open_clip: built-in arch ("ViT-L-14") or "hf-hub:org/repo"; sam / hf: HF repo id (local cache)
     pretrained: str = ""  # open_clip tag of a built-in arch ("openai"), looked up in the HF cache
-    path: str = ""  # local dir (open_clip_config.json + weights, or a HF SAM dir) or open_clip weights file
+    # local dir (open_clip_config.json + weights; a HF SAM / AutoModel dir; a timm save_for_hf dir) or an
+    # open_clip weights file
+    path: str = ""
     aggregation: Aggregation = "cls"
 
     @property
@@ -72,6 +92,11 @@ class EncoderSpec:
             raise ConfigError(
                 f"encoder {self.name}: SAM has no [CLS] token, so aggregation must be avgpool (got {self.aggregation})"
             )
+        if self.kind == "timm" and not self.path:
+            raise ConfigError(
+                f"encoder {self.name}: a timm encoder loads from a local directory written by timm's save_for_hf "
+                f"(config.json + model.safetensors); pass {self.name}=/path/to/that/dir"
+            )
         if not (self.path or self.model):
             raise ConfigError(f"encoder {self.name}: set a local path (name=/path/to/weights) or a model id")
 
@@ -86,6 +111,12 @@ PRESETS: dict[str, EncoderSpec] = {
     "clip_b16": EncoderSpec("clip_b16", "open_clip", model="ViT-B-16", pretrained="openai"),
     "medsam": EncoderSpec("medsam", "sam", model="flaviagiammarino/medsam-vit-base", aggregation="avgpool"),  # 256-d
     "sam": EncoderSpec("sam", "sam", model="facebook/sam-vit-base", aggregation="avgpool"),  # 256-d
+    # REPA's and Mirai's target encoder, 768-d; 16 x 16 patches at its 224-px crop
+    "dinov2": EncoderSpec("dinov2", "hf", model="facebook/dinov2-base"),
+    "siglip": EncoderSpec("siglip", "hf", model="google/siglip-base-patch16-224"),  # 768-d, 14 x 14 patches
+    # any local transformers vision tower / timm model: dinov2=/models/x works too; these name the column by kind
+    "hf": EncoderSpec("hf", "hf"),
+    "timm": EncoderSpec("timm", "timm"),
 }
 
 
@@ -112,13 +143,18 @@ def parse_encoder_arg(text: str) -> EncoderSpec:
 
 
 class FeatureEncoder(nn.Module, abc.ABC):
-    """Base: ``preprocess`` (PIL -> tensor) + batched ``encode`` (pixels [B, 3, H, W] -> fp16 [B, D])."""
+    """Base: ``preprocess`` (PIL -> tensor) + batched ``encode`` (pixels [B, 3, H, W] -> fp16 [B, D]);
+    ``patch_preprocess`` + ``encode_patches`` (-> fp16 [B, P, D]) for patch features."""
 
-    def __init__(self, spec: EncoderSpec, preprocess: Callable[[Image.Image], torch.Tensor], dim: int):
+    def __init__(self, spec: EncoderSpec, preprocess: Callable[[Image.Image], torch.Tensor], dim: int,
+                 patch_preprocess: Callable[[Image.Image], torch.Tensor]):
         super().__init__()
         self.spec = spec
         self.preprocess = preprocess
         self.dim = dim
+        # The whole picture at the encoder's input size, no crop: a patch feature must lie where the VQ
+        # codes of the same picture lie (the encoder's own centre crop would shift and cut the grid).
+        self.patch_preprocess = patch_preprocess
 
     @property
     def name(self) -> str:
@@ -128,21 +164,56 @@ class FeatureEncoder(nn.Module, abc.ABC):
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] -> global features [B, D] (model dtype)."""
 
+    @abc.abstractmethod
+    def patch_grid_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] -> patch features [B, gh, gw, D] (model dtype), through the global feature's
+        projection where the encoder has one."""
+
+    def _weight(self) -> torch.Tensor:
+        return next(self.parameters())
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels from ``preprocess`` stacked [B, 3, H, W] -> fp16 features [B, D] on the CPU."""
-        weight = next(self.parameters())
+        weight = self._weight()
         out = self.features(pixels.to(device=weight.device, dtype=weight.dtype))
         return out.float().to(torch.float16).cpu()
+
+    @torch.no_grad()
+    def encode_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels from ``patch_preprocess`` stacked [B, 3, H, W] -> fp16 patch features [B, g * g, D] on the
+        CPU, raster order over the square g x g patch grid (the data column patch_<name>)."""
+        weight = self._weight()
+        grid = self.patch_grid_features(pixels.to(device=weight.device, dtype=weight.dtype))  # [B, gh, gw, D]
+        if grid.shape[1] != grid.shape[2]:
+            raise EncoderError(
+                f"encoder {self.name}: patch features need a square patch grid, got {grid.shape[1]} x {grid.shape[2]} "
+                "(the encoder's input size is not square)"
+            )
+        return grid.flatten(1, 2).float().to(torch.float16).cpu()
 
 
 class OpenClipImageEncoder(FeatureEncoder):
     """The image tower of an open_clip model (native ViT or timm trunk)."""
 
-    def __init__(self, spec: EncoderSpec, visual: nn.Module, preprocess, embed_dim: int):
+    def __init__(self, spec: EncoderSpec, visual: nn.Module, preprocess, embed_dim: int, patch_preprocess):
         width = 2 * embed_dim if spec.aggregation == "concat" else embed_dim
-        super().__init__(spec, preprocess, width)
+        super().__init__(spec, preprocess, width, patch_preprocess)
         self.visual = visual.eval()
+
+    def patch_grid_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.visual
+        if hasattr(visual, "trunk"):  # TimmModel: prefix tokens dropped, the head (projection) per token
+            tokens = visual.trunk.forward_features(pixels)[:, visual.trunk.num_prefix_tokens :]  # [B, N, C]
+            grid_h, grid_w = visual.trunk.patch_embed.grid_size
+            patches = visual.head(tokens)
+        else:
+            visual.output_tokens = True
+            _, patches = visual(pixels)  # [B, N, width], after ln_post
+            grid_h, grid_w = visual.grid_size
+            if visual.proj is not None:
+                patches = patches @ visual.proj
+        return patches.reshape(patches.shape[0], grid_h, grid_w, patches.shape[-1])
 
     def _pooled_and_patch_mean(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([CLS] embedding [B, D], mean patch token through the same projection [B, D])."""
@@ -171,13 +242,77 @@ class OpenClipImageEncoder(FeatureEncoder):
 class SamImageEncoder(FeatureEncoder):
     """transformers ``SamModel.vision_encoder``; global feature = mean over the neck's spatial grid."""
 
-    def __init__(self, spec: EncoderSpec, vision_encoder: nn.Module, preprocess, channels: int):
-        super().__init__(spec, preprocess, channels)
+    def __init__(self, spec: EncoderSpec, vision_encoder: nn.Module, preprocess, channels: int, patch_preprocess):
+        super().__init__(spec, preprocess, channels, patch_preprocess)
         self.vision_encoder = vision_encoder.eval()
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         grid = self.vision_encoder(pixel_values=pixels).last_hidden_state  # [B, C, h, w]
         return grid.mean(dim=(2, 3))
+
+    def patch_grid_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision_encoder(pixel_values=pixels).last_hidden_state.permute(0, 2, 3, 1)  # [B, h, w, C]
+
+
+def _pool_tokens(spec: EncoderSpec, pooled: torch.Tensor | None, patches: torch.Tensor) -> torch.Tensor:
+    """The global feature of ``spec.aggregation`` from a pooled embedding [B, D] and patch tokens [B, N, D]."""
+    patch_mean = patches.mean(dim=1)
+    if spec.aggregation == "avgpool":
+        return patch_mean
+    if pooled is None:
+        raise EncoderError(f"encoder {spec.name}: this model has no pooled output; use aggregation avgpool")
+    return pooled if spec.aggregation == "cls" else torch.cat([pooled, patch_mean], dim=-1)
+
+
+class HFVisionEncoder(FeatureEncoder):
+    """A transformers vision tower (``AutoModel``): DINOv2 (with registers), SigLIP, ..."""
+
+    def __init__(self, spec: EncoderSpec, tower: nn.Module, preprocess, hidden: int, patch_size: int, patch_preprocess):
+        super().__init__(spec, preprocess, 2 * hidden if spec.aggregation == "concat" else hidden, patch_preprocess)
+        self.tower = tower.eval()
+        self.patch_size = patch_size
+
+    def _run(self, pixels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, int]]:
+        """(pooler_output [B, D] or None, patch tokens [B, gh * gw, D], (gh, gw))."""
+        out = self.tower(pixel_values=pixels)
+        grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        tokens = out.last_hidden_state  # [B, prefix + gh * gw, D]; DINOv2: after its final layernorm
+        patches = tokens[:, tokens.shape[1] - grid[0] * grid[1] :]  # DINOv2: [CLS] and registers come first
+        return getattr(out, "pooler_output", None), patches, grid
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        pooled, patches, _ = self._run(pixels)
+        return _pool_tokens(self.spec, pooled, patches)
+
+    def patch_grid_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        _, patches, (grid_h, grid_w) = self._run(pixels)
+        return patches.reshape(patches.shape[0], grid_h, grid_w, patches.shape[-1])
+
+
+class TimmEncoder(FeatureEncoder):
+    """A timm model: ``forward_features`` tokens (ViT) or feature map (CNN); its own pooling for cls."""
+
+    def __init__(self, spec: EncoderSpec, model: nn.Module, preprocess, patch_preprocess):
+        width = model.num_features
+        super().__init__(spec, preprocess, 2 * width if spec.aggregation == "concat" else width, patch_preprocess)
+        self.model = model.eval()
+
+    def _patch_grid(self, features: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """forward_features output -> [B, gh, gw, D]."""
+        if features.dim() == 4:  # a CNN's NCHW feature map
+            return features.permute(0, 2, 3, 1)
+        patch_h, patch_w = self.model.patch_embed.patch_size
+        grid_h, grid_w = pixels.shape[-2] // patch_h, pixels.shape[-1] // patch_w
+        patches = features[:, getattr(self.model, "num_prefix_tokens", 0) :]
+        return patches.reshape(patches.shape[0], grid_h, grid_w, patches.shape[-1])
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(pixels)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        return _pool_tokens(self.spec, pooled, self._patch_grid(features, pixels).flatten(1, 2))
+
+    def patch_grid_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._patch_grid(self.model.forward_features(pixels), pixels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,8 +334,58 @@ class OpenClipPreprocess:
         return self.transform(image.convert("RGB"))
 
 
-class SamPreprocess:
-    """SamImageProcessor (longest side resize, rescale, normalise, pad) from preprocessor_config.json."""
+class ResizeNormalize:
+    """PIL -> [3, H, W]: the whole picture resized to the encoder's input size (no crop), scaled to [0, 1]
+    and normalised with the encoder's own mean / std (the input of patch features)."""
+
+    def __init__(self, size: tuple[int, int], mean, std, resample: int = Image.Resampling.BICUBIC):
+        self.size = (int(size[0]), int(size[1]))  # (H, W)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self.resample = resample
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        height, width = self.size
+        resized = image.convert("RGB").resize((width, height), resample=self.resample)
+        array = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0  # [3, H, W]
+        # numpy, not torch: torch would spin up its intra-op threads for each small image (DataLoader workers)
+        return torch.from_numpy(np.ascontiguousarray((array - self.mean) / self.std))
+
+
+def _pil_resample(name: str) -> int:
+    """open_clip / timm interpolation names -> PIL's resampling filter."""
+    return {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST}.get(name, Image.Resampling.BICUBIC)  # fmt: skip
+
+
+def _size_pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def open_clip_patch_preprocess(preprocess_cfg: dict) -> ResizeNormalize:
+    return ResizeNormalize(_size_pair(preprocess_cfg["size"]), preprocess_cfg["mean"], preprocess_cfg["std"],
+                           _pil_resample(str(preprocess_cfg.get("interpolation", "bicubic"))))  # fmt: skip
+
+
+def hf_patch_preprocess(processor) -> ResizeNormalize:
+    """The input size of a transformers image processor (its crop, its padded square for SAM, or its
+    resize target) with its mean / std: what the model sees, without the crop."""
+    size = getattr(processor, "size", None) or {}
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        hw = (processor.crop_size["height"], processor.crop_size["width"])
+    elif getattr(processor, "do_pad", False) and getattr(processor, "pad_size", None):
+        hw = (processor.pad_size["height"], processor.pad_size["width"])
+    elif "height" in size:
+        hw = (size["height"], size["width"])
+    else:
+        side = size.get("shortest_edge") or size.get("longest_edge")
+        hw = (side, side)
+    return ResizeNormalize(hw, processor.image_mean, processor.image_std, processor.resample)
+
+
+class HFImagePreprocess:
+    """A transformers image processor from the checkpoint's preprocessor_config.json: SAM's longest side
+    resize, rescale, normalise, pad; DINOv2's resize + centre crop; SigLIP's resize."""
 
     def __init__(self, processor):
         self.processor = processor
@@ -273,6 +458,35 @@ def _resolve_open_clip(spec: EncoderSpec) -> tuple[dict, dict, str]:
     return model_cfg, preprocess, weights
 
 
+def feature_width(spec: EncoderSpec) -> int | None:
+    """The width D of ``feat_<name>`` read from the encoder's config alone (no weights are loaded);
+    None where the config is not on this machine."""
+    if spec.kind == "sam":
+        # transformers' SAM config: imported only where a SAM encoder's width is asked for
+        from transformers import SamConfig
+
+        try:
+            return int(SamConfig.from_pretrained(spec.path or spec.model, local_files_only=True).vision_config.output_channels)
+        except (OSError, ValueError):
+            return None
+    path = Path(spec.path) if spec.path else None
+    if path is not None and path.is_dir():
+        config_file = path / OPEN_CLIP_CONFIG
+        model_cfg = json.loads(config_file.read_text())["model_cfg"] if config_file.is_file() else None
+    elif spec.model.startswith(OPEN_CLIP_HF_PREFIX):
+        cached = _hf_cached_file(spec.model[len(OPEN_CLIP_HF_PREFIX) :], OPEN_CLIP_CONFIG)
+        model_cfg = json.loads(Path(cached).read_text())["model_cfg"] if cached else None
+    else:
+        # open_clip (and timm behind it) costs seconds to import: only for a built-in open_clip architecture
+        import open_clip
+
+        model_cfg = open_clip.get_model_config(spec.model)
+    if model_cfg is None:
+        return None
+    width = int(model_cfg["embed_dim"])
+    return 2 * width if spec.aggregation == "concat" else width
+
+
 def load_open_clip_encoder(spec: EncoderSpec) -> OpenClipImageEncoder:
     """Build only the image tower (no text tower, which for BiomedCLIP would need PubMedBERT's config)."""
     # open_clip (and timm behind it) costs seconds to import: only where an open_clip model is built
@@ -291,19 +505,26 @@ def load_open_clip_encoder(spec: EncoderSpec) -> OpenClipImageEncoder:
         visual.load_state_dict(visual_state, strict=True)
     except RuntimeError as e:
         raise EncoderError(f"encoder {spec.name}: {weights} does not fit the config's image tower: {e}") from e
-    return OpenClipImageEncoder(spec, visual, OpenClipPreprocess(preprocess_cfg), int(model_cfg["embed_dim"]))
+    return OpenClipImageEncoder(
+        spec, visual, OpenClipPreprocess(preprocess_cfg), int(model_cfg["embed_dim"]), open_clip_patch_preprocess(preprocess_cfg)
+    )
+
+
+def local_hf_source(spec: EncoderSpec, what: str) -> str:
+    """Where a Hugging Face encoder loads from: its local directory, else its repo id in the library's own cache."""
+    if spec.path and not Path(spec.path).is_dir():
+        raise EncoderError(
+            f"encoder {spec.name}: {spec.path} is not a directory; point it at a local copy of a Hugging Face {what} "
+            "(config.json, weights, preprocessor_config.json)"
+        )
+    return spec.path or spec.model
 
 
 def load_sam_encoder(spec: EncoderSpec) -> SamImageEncoder:
     # transformers' SAM pulls in its image processors: imported only where a SAM encoder is built
     from transformers import SamImageProcessor, SamModel
 
-    if spec.path and not Path(spec.path).is_dir():
-        raise EncoderError(
-            f"encoder {spec.name}: {spec.path} is not a directory; point it at a local copy of a Hugging Face SAM "
-            "checkpoint (config.json, weights, preprocessor_config.json)"
-        )
-    source = spec.path or spec.model
+    source = local_hf_source(spec, "SAM checkpoint")
     try:
         model = SamModel.from_pretrained(source, local_files_only=True)
         processor = SamImageProcessor.from_pretrained(source, local_files_only=True)
@@ -312,21 +533,79 @@ def load_sam_encoder(spec: EncoderSpec) -> SamImageEncoder:
             f"encoder {spec.name}: cannot load a SamModel + SamImageProcessor from {source} without downloading "
             f"({e}). Pass {spec.name}=/path/to/a/local/copy of {spec.model or 'the checkpoint'}"
         ) from e
-    return SamImageEncoder(spec, model.vision_encoder, SamPreprocess(processor), model.config.vision_config.output_channels)
+    return SamImageEncoder(
+        spec, model.vision_encoder, HFImagePreprocess(processor), model.config.vision_config.output_channels,
+        hf_patch_preprocess(processor),
+    )
+
+
+def load_hf_encoder(spec: EncoderSpec) -> HFVisionEncoder:
+    """A transformers ``AutoModel`` vision tower + ``AutoImageProcessor`` from a local dir (or the local HF cache)."""
+    # transformers' auto classes import the model code on demand: only where such an encoder is built
+    from transformers import MODEL_MAPPING, AutoConfig, AutoImageProcessor
+
+    source = local_hf_source(spec, "vision model, e.g. facebook/dinov2-base")
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+        # AutoModel's class, loaded through the class itself: with peft installed AutoModel.from_pretrained looks
+        # for an adapter_config.json online even under local_files_only (half a minute of retries offline)
+        model = MODEL_MAPPING[type(config)].from_pretrained(source, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=True, use_fast=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise EncoderError(
+            f"encoder {spec.name}: cannot load an AutoModel + AutoImageProcessor from {source} without downloading "
+            f"({e}). Pass {spec.name}=/path/to/a/local/copy of {spec.model or 'the checkpoint'}"
+        ) from e
+    # a dual image-text model (SiglipModel, CLIPModel): its vision tower only
+    tower = model.vision_model if hasattr(model, "text_model") else model
+    config = tower.config
+    return HFVisionEncoder(spec, tower, HFImagePreprocess(processor), int(config.hidden_size), int(config.patch_size),
+                           hf_patch_preprocess(processor))  # fmt: skip
+
+
+def load_timm_encoder(spec: EncoderSpec) -> TimmEncoder:
+    """A timm model from a local ``save_for_hf`` directory (config.json with ``architecture``, ``model_args``,
+    ``pretrained_cfg``; model.safetensors or pytorch_model.bin), loaded strictly; eval transform from its
+    pretrained_cfg."""
+    # timm costs seconds to import: only where a timm encoder is built
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    path = Path(spec.path)
+    if not (path / "config.json").is_file():
+        raise EncoderError(
+            f"encoder {spec.name}: {path} must be a directory with config.json and model weights written by "
+            "timm.models.save_for_hf (the layout of timm's Hugging Face releases)"
+        )
+    try:
+        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise EncoderError(f"encoder {spec.name}: cannot build the timm model in {path}: {e}") from e
+    data_cfg = resolve_model_data_config(model)
+    patch_preprocess = ResizeNormalize(data_cfg["input_size"][1:], data_cfg["mean"], data_cfg["std"],
+                                       _pil_resample(str(data_cfg.get("interpolation", "bicubic"))))  # fmt: skip
+    return TimmEncoder(spec, model, create_transform(**data_cfg, is_training=False), patch_preprocess)
 
 
 LOADERS: dict[str, Callable[[EncoderSpec], FeatureEncoder]] = {
     "open_clip": load_open_clip_encoder,
     "sam": load_sam_encoder,
+    "hf": load_hf_encoder,
+    "timm": load_timm_encoder,
 }
+
+
+def freeze_encoder(encoder: nn.Module) -> nn.Module:
+    """Eval mode and no gradients, every submodule and parameter (REPA issue 45: an encoder left in train mode)."""
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder.eval()
 
 
 def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FeatureEncoder:
     spec.validate()
     encoder = LOADERS[spec.kind](spec)
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    return encoder.to(device=device, dtype=dtype).eval()
+    return freeze_encoder(encoder.to(device=device, dtype=dtype))
 
 
 # ------------------------------------------------------------------------------------------------

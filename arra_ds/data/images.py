@@ -24,6 +24,8 @@ from arra_ds.errors import ConfigError
 from arra_ds.tokens.layout import GRID_CELL_PX
 
 PIXEL_MAX = 255.0
+# Image files by extension (torchvision's ImageFolder IMG_EXTENSIONS), compared case-insensitively (ImageNet: .JPEG).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass

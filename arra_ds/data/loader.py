@@ -9,6 +9,7 @@ with exactly the samples the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,9 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
 from arra_ds import distributed
-from arra_ds.data.schema import CLASS_COLUMN, SchemaError, check_columns
+from arra_ds.data.schema import CLASS_COLUMN, SchemaError, check_columns, is_patch_column
 from arra_ds.data.shards import check_shards
-from arra_ds.data.shm import clean_stale_streaming_shm
+from arra_ds.data.shm import clean_stale_streaming_shm, serialise_prefix_claims
 from arra_ds.errors import ConfigError
 from arra_ds.tokens.layout import IGNORE_INDEX
 
@@ -117,7 +118,8 @@ def streaming_location(cfg: DataConfig, resolved_path: str) -> tuple[str | None,
 
 class SampleConverter:
     """One raw MDS sample -> {input_ids [T], labels [T], target_features [D], uid} tensors, plus
-    ``class_id`` (a scalar) for class-to-image samples (``class_conditional``).
+    ``class_id`` (a scalar) for class-to-image samples (``class_conditional``). A patch column
+    (``patch_<encoder>``, align.feature=patch) gives ``target_patches`` [P, D] instead of target_features.
 
     With ``overlong="skip"`` an over-long sample is marked ``skipped="overlong"`` (its tensors cut to
     ``max_seq_len``, kept only as a possible filler row): the ``Collator`` leaves it out of the batch and
@@ -134,12 +136,23 @@ class SampleConverter:
         self.feature_dim = feature_dim  # D every feature must have; 0 = not known yet (set by the trainer)
         self.class_conditional = class_conditional
 
+    @property
+    def patches(self) -> bool:
+        """Whether the targets are patch features [P, D] (a ``patch_<encoder>`` column)."""
+        return self.feature_column is not None and is_patch_column(self.feature_column)
+
     def _features(self, sample: dict, uid: str) -> torch.Tensor:
         feature = np.asarray(sample[self.feature_column], dtype=np.float32)
-        if feature.ndim != 1 or (self.feature_dim and feature.shape[0] != self.feature_dim):
+        expected_rank = 2 if self.patches else 1
+        if feature.ndim != expected_rank or (self.feature_dim and feature.shape[-1] != self.feature_dim):
             raise SchemaError(
                 f"sample {uid!r}: column {self.feature_column} has shape {list(feature.shape)}, expected "
-                f"[{self.feature_dim or 'D'}] like the rest of the data set; the data set mixes feature extractors, "
+                f"[{'P, ' if self.patches else ''}{self.feature_dim or 'D'}] like the rest of the data set; the data "
+                "set mixes feature extractors, re-run pre-tokenization for it"
+            )
+        if self.patches and math.isqrt(feature.shape[0]) ** 2 != feature.shape[0]:
+            raise SchemaError(
+                f"sample {uid!r}: column {self.feature_column} holds {feature.shape[0]} patches, not a square grid; "
                 "re-run pre-tokenization for it"
             )
         if not np.isfinite(feature).all():
@@ -154,7 +167,7 @@ class SampleConverter:
         uid = str(sample.get("uid", ""))
         item: dict = {"uid": uid}
         if self.feature_column is not None:
-            item["target_features"] = self._features(sample, uid)
+            item["target_patches" if self.patches else "target_features"] = self._features(sample, uid)
         if self.class_conditional:
             if sample.get(CLASS_COLUMN) is None:
                 raise SchemaError(
@@ -240,15 +253,25 @@ class Collator:
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "meta": meta}
         if "target_features" in rows[0]:
             out["target_features"] = torch.stack([it["target_features"] for it in rows])  # [B, D]
+        if "target_patches" in rows[0]:
+            num_patches = {tuple(it["target_patches"].shape) for it in rows}
+            if len(num_patches) > 1:
+                raise SchemaError(f"patch features of different shapes {sorted(num_patches)} in one batch")
+            out["target_patches"] = torch.stack([it["target_patches"] for it in rows])  # [B, P, D]
+            side = math.isqrt(out["target_patches"].shape[1])
+            out["patch_grid"] = torch.tensor([side, side])  # the encoder's square patch grid, raster order
         if "class_id" in rows[0]:
             out["class_ids"] = torch.stack([it["class_id"] for it in rows])  # [B]
         return out
 
 
 def ensure_streaming_env() -> None:
-    """streaming reads LOCAL_WORLD_SIZE; the deepspeed launcher exports LOCAL_SIZE instead."""
+    """Call before building a ``StreamingDataset``: streaming reads LOCAL_WORLD_SIZE (the deepspeed launcher
+    exports LOCAL_SIZE instead), and its shared-memory prefix is claimed host-wide one job at a time
+    (``shm.serialise_prefix_claims``: two jobs starting together would otherwise clash)."""
     if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    serialise_prefix_claims()
 
 
 def build_dataset(

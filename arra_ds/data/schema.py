@@ -5,6 +5,9 @@ Text-to-image samples (Chameleon, Lumina-mGPT): one sample = one (prompt, image)
     tokens          ndarray:int32    whole sequence: prompt + image + end of turn
     prompt_len      int32            leading tokens excluded from the loss (labels -100)
     feat_<encoder>  ndarray:float16  one global image feature per encoder (e.g. feat_biomedclip)
+    patch_<encoder> ndarray:float16  optional (pre-tokenization patch_features=true): the encoder's patch
+                                     features [P, D], P = g * g in raster order over its square patch grid,
+                                     through the same projection as feat_<encoder> (align.feature=patch)
     caption         str              the prompt text (eval, CLIP-Score)
     uid             str              stable id of the source image
 
@@ -36,7 +39,8 @@ BASE_COLUMNS: dict[str, str] = {
 CLASS_COLUMN = "class_id"
 CLASS_ENCODING = "int32"
 FEATURE_PREFIX = "feat_"
-FEATURE_ENCODING = "ndarray:float16"
+PATCH_PREFIX = "patch_"
+FEATURE_ENCODING = "ndarray:float16"  # feat_<encoder> [D] and patch_<encoder> [P, D]
 UNSAFE_ENCODINGS = ("pkl",)  # MDS encodings that unpickle on read
 
 
@@ -48,14 +52,25 @@ def feature_column(encoder: str) -> str:
     return f"{FEATURE_PREFIX}{encoder}"
 
 
-def columns_for(encoders: list[str], class_conditional: bool = False) -> dict[str, str]:
+def patch_column(encoder: str) -> str:
+    return f"{PATCH_PREFIX}{encoder}"
+
+
+def is_patch_column(column: str) -> bool:
+    return column.startswith(PATCH_PREFIX)
+
+
+def columns_for(encoders: list[str], class_conditional: bool = False, patch_features: bool = False) -> dict[str, str]:
     """The ``columns`` argument of ``MDSWriter`` for a data set carrying these encoders' features
-    (with ``class_conditional``: class-to-image samples, which add ``class_id``)."""
+    (with ``class_conditional``: class-to-image samples, which add ``class_id``; with ``patch_features``:
+    each encoder's patch features too)."""
     columns = dict(BASE_COLUMNS)
     if class_conditional:
         columns[CLASS_COLUMN] = CLASS_ENCODING
     for name in encoders:
         columns[feature_column(name)] = FEATURE_ENCODING
+        if patch_features:
+            columns[patch_column(name)] = FEATURE_ENCODING
     return columns
 
 
@@ -113,11 +128,16 @@ def check_columns(local_dir: str | Path, feature: str | None, class_conditional:
         if columns[name] != encoding:
             raise SchemaError(f"MDS data set {local_dir}: column '{name}' is {columns[name]}, expected {encoding}")
     if feature is not None:
-        available = sorted(c[len(FEATURE_PREFIX) :] for c in columns if c.startswith(FEATURE_PREFIX))
+        prefix = PATCH_PREFIX if is_patch_column(feature) else FEATURE_PREFIX
+        available = sorted(c[len(prefix) :] for c in columns if c.startswith(prefix))
         if feature not in columns:
+            how = "pre-tokenise with that encoder"
+            if prefix == PATCH_PREFIX:
+                how = "pre-tokenise with patch_features=true (align.feature=patch reads patch_<encoder>)"
             raise SchemaError(
-                f"MDS data set {local_dir} has no feature column '{feature}'. Features in it: {available}. "
-                f"Set align.encoder to one of them, or pre-tokenise with that encoder."
+                f"MDS data set {local_dir} has no feature column '{feature}'. "
+                f"{'Patch features' if prefix == PATCH_PREFIX else 'Features'} in it: {available}. "
+                f"Set align.encoder to one of them, or {how}."
             )
         if columns[feature] != FEATURE_ENCODING:
             raise SchemaError(f"MDS data set {local_dir}: '{feature}' is {columns[feature]}, expected {FEATURE_ENCODING}")

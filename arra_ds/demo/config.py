@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from arra_ds.demo.scenes import MAX_CAPTION_WORDS
 from arra_ds.errors import ConfigError
 from arra_ds.model.arra import AlignConfig
-from arra_ds.model.backbone import ModelConfig
+from arra_ds.model.config import ModelConfig
 from arra_ds.tokens.layout import CODE_PATCH_PX, GRID_CELL_PX, ImageGrid
-from arra_ds.tokens.vocab import DEBUG_MAX_GRID
+from arra_ds.tokens.vocab import DEBUG_MAX_GRID, build_debug_vocab
 
-DEMO_VERSION = 6  # part of the cache key: bump when the drawn data or the models change
-DEMO_ENCODER = "demo"  # the feature column feat_demo: a tiny open_clip ViT's [CLS] embedding
+DEMO_VERSION = 7  # part of the cache key: bump when the drawn data or the models change
+# the feature columns feat_demo (a tiny open_clip ViT's [CLS] embedding) and patch_demo (its 4 x 4 patch
+# features through the same projection, for align.feature=patch)
+DEMO_ENCODER = "demo"
 
 
 @dataclass
@@ -47,10 +49,11 @@ class DemoDataConfig:
 
     def check_run(self, model: ModelConfig, align: AlignConfig, max_seq_len: int) -> None:
         """Cross-checks against the run config (called by RunConfig.validate when data.path=demo)."""
-        if model.source != "debug":
+        vocab = model.backbone.vocab(model)
+        if vocab is None or vocab.token_to_id != build_debug_vocab(model.debug.num_image_codes).token_to_id:
             raise ConfigError(
-                f"data.path=demo is tokenised with the debug vocabulary and only fits model.source=debug "
-                f"(got model.source={model.source}); pre-tokenise real data with launch/pretokenize.py instead"
+                f"data.path=demo is tokenised with the debug vocabulary, which model.source={model.source} does not "
+                f"have (use model.source=debug); pre-tokenise real data with launch/pretokenize.py instead"
             )
         if model.debug.num_image_codes != self.num_image_codes:
             raise ConfigError(
@@ -59,8 +62,8 @@ class DemoDataConfig:
             )
         if align.enabled and align.encoder != DEMO_ENCODER:
             raise ConfigError(
-                f"align.encoder={align.encoder}: the demo data set has one feature column, feat_{DEMO_ENCODER}; "
-                f"set align.encoder={DEMO_ENCODER}"
+                f"align.encoder={align.encoder}: the demo data set has one encoder's features, feat_{DEMO_ENCODER} "
+                f"and patch_{DEMO_ENCODER}; set align.encoder={DEMO_ENCODER}"
             )
         if max_seq_len < self.max_sequence_length():
             raise ConfigError(

@@ -10,7 +10,8 @@ each with a caption that states its global content (shapes, colours, positions, 
 They are written as a conversation JSON + PNG files and go through ``run_pretokenize`` (the same
 crop, VQGAN, text layout, feature encoders and MDS writer as real data) with tiny models built here:
 the debug tokenizer (``build_debug_tokenizer``; the captions only use its words), a tiny VQGAN and
-a tiny open_clip ViT whose [CLS] embedding is ``feat_demo``. Everything lives under
+a tiny open_clip ViT whose [CLS] embedding is ``feat_demo`` and whose patch features are ``patch_demo``
+(4 x 4 patches, for ``align.feature=patch``). Everything lives under
 ``$ARRA_DS_CACHE/demo/<hash of the config>/`` (``models/`` holds the tiny VQGAN, tokenizer and
 encoder, e.g. ``load_demo_vqgan`` to decode generated demo images).
 
@@ -32,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from arra_ds.data.pretokenize import PretokenizeConfig, run_pretokenize
 from arra_ds.data.images import ImagePreprocessConfig
+from arra_ds.data.pretokenize import PretokenizeConfig, run_pretokenize
 from arra_ds.demo.config import DEMO_VERSION, DemoDataConfig
 from arra_ds.demo.models import DemoModels, build_demo_models, demo_model_paths
 from arra_ds.demo.scenes import draw_scene, random_scene
@@ -41,14 +42,13 @@ from arra_ds.errors import ConfigError
 from arra_ds.tokens.layout import IMAGE_PLACEHOLDER
 from arra_ds.tokens.vqgan import VQGAN
 
-
 HELDOUT_DIR = "heldout"  # the held-out split, an MDS directory inside the demo data directory
 MODELS_DIR = "models"  # the tiny tokenizer, VQGAN and encoder the data was pre-tokenised with
 HELDOUT_STREAM = 1  # the held-out scenes draw from their own random stream: (seed, HELDOUT_STREAM)
 HELDOUT_DRAWS_PER_SCENE = 200  # give up (the caption space is used up) after this many draws per wanted scene
 
 
-def _conversation_item(uid: str, caption: str, image_name: str) -> dict:
+def conversation_item(uid: str, caption: str, image_name: str) -> dict:
     return {
         "id": uid,
         "conversations": [{"from": "human", "value": caption}, {"from": "gpt", "value": IMAGE_PLACEHOLDER}],
@@ -72,7 +72,7 @@ def write_demo_images(source_dir: Path, cfg: DemoDataConfig, seed: int) -> Path:
         shapes, background, caption = random_scene(rng)
         name = f"images/demo-{index:05d}.png"
         draw_scene(shapes, background, cfg.image_size, rng).save(source_dir / name)
-        items.append(_conversation_item(f"demo-{index:05d}", caption, name))
+        items.append(conversation_item(f"demo-{index:05d}", caption, name))
     return _write_items(source_dir, items)
 
 
@@ -96,7 +96,7 @@ def write_heldout_images(source_dir: Path, cfg: DemoDataConfig, seed: int, train
         index = len(items)
         name = f"images/heldout-{index:05d}.png"
         draw_scene(shapes, background, cfg.image_size, rng).save(source_dir / name)
-        items.append(_conversation_item(f"heldout-{index:05d}", caption, name))
+        items.append(conversation_item(f"heldout-{index:05d}", caption, name))
     if len(items) < cfg.num_heldout:
         raise ConfigError(
             f"demo.num_heldout={cfg.num_heldout}: only {len(items)} scene captions are left that the "
@@ -129,6 +129,7 @@ def _pretokenize(json_path: Path, out_dir: Path, models: DemoModels, cfg: DemoDa
         input=str(json_path), out_dir=str(out_dir), tokenizer=str(models.tokenizer),
         vqgan_yaml=str(models.vqgan_yaml), vqgan_ckpt=str(models.vqgan_ckpt), encoders=models.encoders,
         image=ImagePreprocessConfig(target_size=cfg.image_size, crop="square"), min_image_size=cfg.image_size,
+        patch_features=True,  # patch_demo too: align.feature=patch runs on the default data
         # one part (= one shard) per samples_per_shard items: exact shard sizes, merged by merge_index
         batch_size=64, num_workers=0, items_per_part=cfg.samples_per_shard, channels_last=True, progress=False,
     ))

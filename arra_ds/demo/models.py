@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from arra_ds.data.features import OPEN_CLIP_WEIGHTS, EncoderSpec, build_tiny_open_clip_dir, load_encoder
 from arra_ds.data.images import ImagePreprocessConfig, VQImagePreprocessor
 from arra_ds.demo.config import DEMO_ENCODER, DemoDataConfig
+from arra_ds.tokens.taming import NORM_EPS
 from arra_ds.tokens.vocab import build_debug_tokenizer
-from arra_ds.tokens.vqgan import NORM_EPS, VQGAN, VQGANConfig, fit_codebook
+from arra_ds.tokens.vqgan import VQGAN, VQGANConfig, fit_codebook
 
 CODEBOOK_FIT_IMAGES = 64  # images whose latents (code_size^2 each) the k-means codebook is fitted on
 CODEBOOK_FIT_ITERATIONS = 10

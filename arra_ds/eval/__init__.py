@@ -1,2 +1,2 @@
-"""Evaluation: FID (Inception, XRV DenseNet), MS-SSIM, CLIP-Score, the distributed eval runner and the
-in-training evaluation."""
+"""Evaluation: FID (Inception, XRV DenseNet, thumbnails, scene features), Inception Score, MS-SSIM, CLIP-Score, the
+one distributed eval runner for every backbone, and the in-training evaluation."""

@@ -43,8 +43,8 @@ from torch import nn
 
 from arra_ds.demo.attributes import AttributeNetConfig, SceneAttributeNet, SceneFeatures, load_attribute_net
 from arra_ds.errors import ConfigError, MissingDependencyError, UserError
-
 from arra_ds.eval.inception import FID_INCEPTION_FILENAME, POOL3_DIM, FIDInceptionV3
+from arra_ds.weights import load_strict
 
 RANDOM_WEIGHTS = "random"
 RANDOM_WEIGHTS_SEED = 0
@@ -90,14 +90,8 @@ def _load_state_dict_file(path: Path) -> dict:
 
 
 def _load_strict(module: nn.Module, state: dict, path: Path, ignore_missing: tuple[str, ...] = ()) -> None:
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not (ignore_missing and k.endswith(ignore_missing))]
-    if missing or result.unexpected_keys:
-        raise ExtractorWeightsError(
-            f"weights file {path} does not match the {type(module).__name__} layout: "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}"
-        )
+    load_strict(module, state, source=f"weights file {path}", what=f"the {type(module).__name__} layout",
+                error=ExtractorWeightsError, optional_suffixes=ignore_missing)
 
 
 @dataclass

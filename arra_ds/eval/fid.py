@@ -180,3 +180,15 @@ def load_adm_reference_batch(path: str | Path) -> FeatureStats:
         raise StatsMismatchError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not the statistics of one feature width")
     source = {"format": "ADM reference batch", "file": str(path), "network": ADM_REFERENCE_NETWORK}
     return FeatureStats(mu, sigma, num_samples=0, extractor="inception", weights_hash=ADM_REFERENCE_NETWORK, source=source)
+
+
+def read_reference(path: str | Path, extractor_name: str, weights_hash: str) -> tuple[FeatureStats, str | None]:
+    """(statistics, a note for the report or None) from ``path``: an arra_ds statistics file (checked against the
+    extractor and its weights) or, for ``inception``, the ADM reference batch LlamaGen's numbers use."""
+    if is_arra_stats_file(path) or extractor_name != "inception":
+        return load_stats(path, extractor_name, weights_hash), None
+    note = (
+        f"reference {path} is an ADM reference batch: TensorFlow Inception statistics, compared with this PyTorch "
+        "port's features (pytorch-fid weights); FID can differ slightly from the ADM evaluator's"
+    )
+    return load_adm_reference_batch(path), note

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,31 +32,33 @@ from arra_ds.distributed import gather_rows, init_process_group, my_chunks, sum_
 from arra_ds.errors import ConfigError
 from arra_ds.eval.extractors import EXTRACTORS, FeatureExtractor, build_extractor
 from arra_ds.eval.fid import FeatureStats, load_stats
-from arra_ds.generate.loading import load_vocab
 from arra_ds.generate.images import fit_to_size, list_images, load_rgb, to_chw_batch
-from arra_ds.generate.pipeline import decode_to_uint8, load_decoder
+from arra_ds.generate.loading import resolve_model
+from arra_ds.generate.pipeline import decode_to_uint8
 from arra_ds.generate.prompts import Prompt, PromptSet, load_prompts
+from arra_ds.model.interface import ImageDecoder
 
 REFERENCE_FROM_PROMPTS = "prompts"
 
 
 class RealImages:
-    """Real images at the generated size; unreadable ones are recorded and skipped, never fatal."""
+    """Real images at the generated size; unreadable ones are recorded and skipped, never fatal. Images stored as
+    VQ codes (MDS data) are decoded with ``decoder``, or the one ``decoder_factory`` loads on first use."""
 
     def __init__(
-        self, height: int, width: int, vqgan_config: str = "", vqgan_checkpoint: str = "", device="cpu", decoder=None
+        self, height: int, width: int, decoder: ImageDecoder | None = None,
+        decoder_factory: Callable[[], ImageDecoder] | None = None,
     ):
         self.height, self.width = height, width
-        self._vqgan = (vqgan_config, vqgan_checkpoint)
-        self._device = device
-        self._decoder = decoder  # loaded on first use when None
+        self._decoder = decoder
+        self._decoder_factory = decoder_factory
         self.failures: dict[str, str] = {}  # image -> reason
 
-    def _decoder_for_codes(self):
+    def _decoder_for_codes(self) -> ImageDecoder:
         if self._decoder is None:
-            if not all(self._vqgan):
-                raise ConfigError("real images stored as VQ codes (MDS) need vqgan_config and vqgan_checkpoint")
-            self._decoder = load_decoder(*self._vqgan, self._device)
+            if self._decoder_factory is None:
+                raise ConfigError("real images stored as VQ codes (MDS) need the image tokenizer: vqgan_config and vqgan_checkpoint")
+            self._decoder = self._decoder_factory()
         return self._decoder
 
     def get(self, item) -> np.ndarray | None:
@@ -79,8 +82,9 @@ class RealImages:
         return sum_over_ranks([len(self.failures)])[0]
 
 
-def reference_items(source: str, prompt_set: PromptSet | None, vocab, limit: int = 0) -> list:
-    """The real images (Prompts or paths) of a reference source."""
+def reference_items(source: str, prompt_set: PromptSet | None, vocab, limit: int = 0, model_given: bool = True) -> list:
+    """The real images (Prompts or paths) of a reference source (``vocab``: the model's text vocabulary, None for a
+    class-conditional model)."""
     if source == REFERENCE_FROM_PROMPTS:
         if prompt_set is None or not prompt_set.has_real_images:
             where = f"{prompt_set.source} ({prompt_set.kind})" if prompt_set else "none"
@@ -90,8 +94,8 @@ def reference_items(source: str, prompt_set: PromptSet | None, vocab, limit: int
             )
         items: list = list(prompt_set.prompts)
     elif (Path(source) / "index.json").is_file():
-        if vocab is None:
-            raise ConfigError(f"reading the MDS reference {source} needs the model's vocabulary (model=...)")
+        if not model_given:
+            raise ConfigError(f"reading the MDS reference {source} needs the model whose data it is (model=...)")
         items = list(load_prompts(source, vocab, limit).prompts)
     else:
         items = [str(p) for p in list_images(source)]
@@ -161,8 +165,8 @@ class ReferenceStatsConfig:
     limit: int = 0
     batch_size: int = 32
     output_dir: str = "runs/fid_stats"  # writes <output_dir>/<extractor>.npz
-    model: str = ""  # MDS source only: the model whose vocabulary reads the tokens
-    vqgan_config: str = ""  # MDS source only: decoder for the stored codes
+    model: str = ""  # MDS source only: the model whose data it is (its vocabulary reads the tokens)
+    vqgan_config: str = ""  # MDS source only: the image tokenizer that decodes the stored codes
     vqgan_checkpoint: str = ""
     progress_bar: bool = True
 
@@ -173,8 +177,8 @@ class ReferenceStatsConfig:
         unknown = [e for e in self.extractors if e not in EXTRACTORS]
         if unknown or not self.extractors:
             raise ConfigError(f"extractors={self.extractors}: use some of {sorted(EXTRACTORS)}")
-        if (Path(self.source) / "index.json").is_file() and not (self.model and self.vqgan_config and self.vqgan_checkpoint):
-            raise ConfigError("an MDS source needs model=, vqgan_config= and vqgan_checkpoint= (its images are VQ codes)")
+        if (Path(self.source) / "index.json").is_file() and not (self.model and self.vqgan_checkpoint):
+            raise ConfigError("an MDS source needs model= and vqgan_checkpoint= (and vqgan_config=): its images are VQ codes")
         if self.height < 1 or self.width < 1 or self.batch_size < 1 or self.limit < 0:
             raise ConfigError("height, width and batch_size must be >= 1, limit >= 0")
 
@@ -183,12 +187,12 @@ def write_reference_stats(cfg: ReferenceStatsConfig) -> dict[str, str]:
     """Compute and save the statistics; returns extractor -> npz path."""
     cfg.validate()
     device = init_process_group()
-    vocab = None
-    if cfg.model:
-
-        vocab = load_vocab(cfg.model)
-    items = reference_items(cfg.source, None, vocab, cfg.limit)
-    real = RealImages(cfg.height, cfg.width, cfg.vqgan_config, cfg.vqgan_checkpoint, device)
+    ref = resolve_model(cfg.model) if cfg.model else None
+    items = reference_items(cfg.source, None, ref.vocab() if ref else None, cfg.limit, model_given=ref is not None)
+    factory = None
+    if ref is not None:
+        factory = lambda: ref.backbone.load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint).to(device)  # noqa: E731
+    real = RealImages(cfg.height, cfg.width, decoder_factory=factory)
     extractors = [build_extractor(name, cfg.extractor_weights.get(name, "")).to(device) for name in cfg.extractors]
     source = {"reference": cfg.source, "num_items": len(items), "height": cfg.height, "width": cfg.width}
     out = Path(cfg.output_dir)

@@ -1,16 +1,20 @@
-"""Distributed evaluation: generate PNGs, extract features per rank, gather, report.
+"""Distributed evaluation for any backbone: generate PNGs, extract features per rank, gather, report.
 
-    torchrun --nproc_per_node=N launch/eval.py model=<ckpt or HF dir> prompts=<txt|json|MDS> \
+    torchrun --nproc_per_node=N launch/eval.py model=<run | checkpoint | model> prompts=<txt|json|MDS> \
         vqgan_config=vqgan.yaml vqgan_checkpoint=vqgan.ckpt extractors=[xrv] clip_model=biomedclip
+    torchrun --nproc_per_node=N launch/eval.py model=<LlamaGen run> samples_per_prompt=50 \
+        reference_stats={inception: VIRTUAL_imagenet256_labeled.npz}          # every class, FID + IS
 
 Generation is ``arra_ds.generate.pipeline`` (per-sample seeds, fixed batches, chunk c on rank
-c % world, resumable). Metrics read the PNGs back in the same chunks, so a resumed run, and a run
-on any number of ranks, reports what an uninterrupted single-rank run would:
+c % world, resumable); a prompt is a text or a class label. Metrics read the PNGs back in the same chunks, so a
+resumed run, and a run on any number of ranks, reports what an uninterrupted single-rank run would:
 
-- ``fid_<extractor>`` for each extractor, against reference statistics (see ``eval/reference.py``);
+- ``fid_<extractor>`` for each extractor, against reference statistics (see ``eval/reference.py``; for
+  ``inception`` also the ADM reference batch LlamaGen's numbers use);
+- ``inception_score`` (ADM's form, from the FID Inception network's classifier; class-conditional models);
 - ``ms_ssim_paired`` (the paper's form: generated vs its prompt's real image; higher is better) and
   ``ms_ssim_diversity`` (among the samples of one prompt; lower is more diverse);
-- ``clip_score`` (mean image-prompt cosine; prompts over the text context are truncated and counted).
+- ``clip_score`` (mean image-prompt cosine; text prompts; over-long prompts are truncated and counted).
 
 Outputs in ``output_dir`` (default ``<run dir>/evaluation/<checkpoint tag>`` for a trainer checkpoint):
 ``images/``, ``samples.jsonl``, ``reference/<extractor>.npz`` (cached reference statistics),
@@ -27,39 +31,44 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from torch.utils.tensorboard import SummaryWriter
-
 from arra_ds import distributed
-from arra_ds.checkpoints import RUN_DATA_FILE, is_trainer_checkpoint, resolve_checkpoint
+from arra_ds.checkpoints import RUN_DATA_FILE, resolve_checkpoint
 from arra_ds.distributed import gather_rows, init_process_group, my_chunks, sum_over_ranks
 from arra_ds.errors import ConfigError
 from arra_ds.eval.clip_score import build_clip_scorer
 from arra_ds.eval.extractors import EXTRACTORS, build_extractor
-from arra_ds.eval.fid import FeatureStats, load_stats
+from arra_ds.eval.fid import FeatureStats, read_reference
+from arra_ds.eval.inception_score import ADM_SPLIT_SIZE, class_probabilities, inception_score
 from arra_ds.eval.msssim import MSSSIM_SCALES, MSSSIMConfig, diversity_ms_ssim, ms_ssim_per_pair
 from arra_ds.eval.reference import REFERENCE_FROM_PROMPTS, RealImages, cached_or_computed_stats, reference_items
 from arra_ds.eval.summary import fid_score, sample_grid
-from arra_ds.io import atomic_write_json
 from arra_ds.generate.images import load_rgb, to_chw_batch
-from arra_ds.generate.loading import describe_model, load_vocab
 from arra_ds.generate.pipeline import (
     GenerateConfig,
+    ResolvedGeneration,
     SampleSpec,
-    apply_run_data,
     build_samples,
+    check_decoder_files,
     generate_missing_images,
+    load_decoder,
     prepare_output_dir,
+    prompt_set_of,
+    resolve_generation,
 )
-from arra_ds.generate.prompts import PromptSet, load_prompts
+from arra_ds.generate.prompts import PromptSet
+from arra_ds.io import atomic_write_json
 
 AUTO = "auto"
 DEFAULT_EXTRACTOR = "inception"
-DEFAULT_OUTPUT_DIR = "runs/eval"  # for models that are not trainer checkpoints (HF directories)
+INCEPTION_SCORE_EXTRACTOR = "inception"  # IS reads the FID Inception network's classifier
+DEFAULT_OUTPUT_DIR = "runs/eval"  # for models that are not trainer checkpoints
 MIN_MS_SSIM_WINDOW = 3  # MSSSIMConfig.validate's smallest window
 EVAL_DIR = "evaluation"  # <run dir>/evaluation/<tag>: the default output_dir for a trainer checkpoint
 PAIRED_FORM = "generated image vs the real image of its prompt, mean over samples (the paper's MS-SSIM, higher is better)"
@@ -68,82 +77,117 @@ DIVERSITY_FORM = "mean over pairs of samples of one prompt, then over prompts (d
 
 @dataclass
 class EvalConfig(GenerateConfig):
-    """Every generation key (model, prompts, samples_per_prompt, batch_size, sampling.*, ...; see
-    ``GenerateConfig``) plus what is measured on the samples. ``prompts`` is required: a .txt, a
-    conversation .json (with real images) or an MDS directory; ``batch_size`` fixes the generation
-    batches, keep it when resuming."""
+    """Every generation key (model, prompts, classes, samples_per_prompt, batch_size, sampling.*, ...; see
+    ``GenerateConfig``) plus what is measured on the samples. ``batch_size`` fixes the generation batches,
+    keep it when resuming."""
 
     output_dir: str = ""  # "" = <run dir>/evaluation/<checkpoint tag> (trainer checkpoints), else runs/eval
-    # FID feature extractors: inception, xrv, thumbnail; "auto" = those the run's data record names (the
+    # FID feature extractors: inception, xrv, thumbnail, scene; "auto" = those the run's data record names (the
     # demo: thumbnail), else inception
     extractors: list[str] = field(default_factory=lambda: [AUTO])
     extractor_weights: dict[str, str] = field(default_factory=dict)  # name -> file | "random"; else the cache
-    # real images for FID: "prompts" (those of the prompt source), an image folder, an MDS directory,
-    # or "" (no FID); statistics are cached in <output_dir>/reference/<extractor>.npz
+    # real images for FID: "prompts" (those of the prompt source, if it has them), an image folder, an MDS
+    # directory, or "" (no FID); statistics are cached in <output_dir>/reference/<extractor>.npz
     reference: str = REFERENCE_FROM_PROMPTS
-    reference_stats: dict[str, str] = field(default_factory=dict)  # name -> precomputed .npz (checked)
+    # name -> precomputed statistics (launch/fid_stats.py; checked), or for inception the ADM reference batch
+    reference_stats: dict[str, str] = field(default_factory=dict)
     reference_limit: int = 0  # first n reference images; 0 = all
     feature_batch_size: int = 32  # reference images per extractor pass
     # biomedclip, hf-hub:..., local-dir:..., ARCH:WEIGHTS, random; "" = no CLIP-Score; "auto" = the run's
-    # data record's (the demo: its encoder), else none
+    # data record's (the demo: its encoder), else none. Text prompts only
     clip_model: str = AUTO
+    # Inception Score (ADM's form): auto = for class-conditional models (ImageNet-like classes), on, off
+    inception_score: Literal["auto", "on", "off"] = AUTO
+    inception_score_split: int = ADM_SPLIT_SIZE  # samples per Inception Score split (ADM: 5000)
     ms_ssim: bool = True
     ms_ssim_config: MSSSIMConfig = field(default_factory=MSSSIMConfig)
     grid_size: int = 16  # samples in the tensorboard grid
     tensorboard: bool = True
 
     def validate(self) -> None:
-        if not self.prompts:
-            raise ConfigError(
-                f"prompts=<.txt | conversation .json | MDS dir> is required: {self.model or 'the model'} has no "
-                f"held-out prompts in a data record ({RUN_DATA_FILE})"
-            )
         super().validate()
-        if self.feature_batch_size < 1:
-            raise ConfigError("feature_batch_size must be >= 1")
+        if self.feature_batch_size < 1 or self.inception_score_split < 1:
+            raise ConfigError("feature_batch_size and inception_score_split must be >= 1")
         if self.reference_limit < 0 or self.grid_size < 0:
             raise ConfigError("reference_limit and grid_size must be >= 0")
-        unknown = [e for e in [*self.extractors, *self.extractor_weights, *self.reference_stats] if e not in EXTRACTORS]
+        unknown = [e for e in [*self.extractors, *self.extractor_weights, *self.reference_stats] if e not in (*EXTRACTORS, AUTO)]
         if unknown:
             raise ConfigError(f"unknown extractor(s) {unknown}; available: {sorted(EXTRACTORS)}")
+        for name, path in self.reference_stats.items():
+            if not Path(path).is_file():
+                raise ConfigError(f"reference_stats.{name}={path} does not exist")
         self.ms_ssim_config.validate()
 
 
-def apply_eval_defaults(cfg: EvalConfig) -> list[str]:
-    """Fill what ``cfg`` leaves out from the model's data record (see the module docstring); returns
-    notes for the report: the record's caveats about the defaults it supplied, and MS-SSIM's window."""
-    data = apply_run_data(cfg)
+@dataclass
+class ResolvedEval:
+    """An evaluation with every default filled in (``run.cfg`` is the resolved EvalConfig), and the notes the
+    report repeats about the defaults it used."""
+
+    run: ResolvedGeneration
+    notes: list[str]
+    inception_score: bool
+
+    @property
+    def cfg(self) -> EvalConfig:
+        return self.run.cfg
+
+
+def resolve_eval(cfg: EvalConfig) -> ResolvedEval:
+    """Fill what ``cfg`` leaves out: the generation defaults (``resolve_generation``), then from the model's data
+    record its held-out prompts, the FID extractors that work offline on its data and the CLIP-Score model, the
+    MS-SSIM window for small images and the output directory. ``cfg`` is left as it was."""
+    run = resolve_generation(cfg)
+    cfg, data, backbone = run.cfg, run.data, run.backbone
     from_record = []  # the keys the record supplied
-    if not cfg.prompts and data is not None and data.heldout_prompts:
-        cfg.prompts = data.heldout_prompts
+    prompts = cfg.prompts
+    if not (cfg.prompts or cfg.prompt_texts or cfg.classes) and data is not None and data.heldout_prompts:
+        prompts = data.heldout_prompts
         from_record.append("prompts")
-    if cfg.extractors == [AUTO]:
-        cfg.extractors = list(data.extractors) if data is not None and data.extractors else [DEFAULT_EXTRACTOR]
+    if not (prompts or cfg.prompt_texts or cfg.classes) and backbone.condition == "text":
+        raise ConfigError(
+            f"prompts=<.txt | conversation .json | MDS dir> is required: {cfg.model} has no held-out prompts in a "
+            f"data record ({RUN_DATA_FILE})"
+        )
+    extractors = cfg.extractors
+    if extractors == [AUTO]:
+        extractors = list(data.extractors) if data is not None and data.extractors else [DEFAULT_EXTRACTOR]
         if data is not None and data.extractors:
             from_record.append("extractors")
-    if cfg.clip_model == AUTO:
-        cfg.clip_model = data.clip_model if data is not None else ""
-        if cfg.clip_model:
+    clip_model = cfg.clip_model
+    if clip_model == AUTO:
+        clip_model = data.clip_model if data is not None and backbone.condition == "text" else ""
+        if clip_model:
             from_record.append("clip_model")
+    if clip_model and backbone.condition != "text":
+        raise ConfigError(f"clip_model={clip_model}: CLIP-Score compares images with text prompts, and {cfg.model} "
+                          "draws for class labels; set clip_model=")
+    wants_is = cfg.inception_score == "on" or (cfg.inception_score == AUTO and backbone.condition == "class")
+    if wants_is and INCEPTION_SCORE_EXTRACTOR not in extractors:
+        if cfg.inception_score == "on":
+            raise ConfigError(f"inception_score=on needs the {INCEPTION_SCORE_EXTRACTOR} extractor in extractors=")
+        wants_is = False
     notes = [data.notes[key] for key in from_record if key in data.notes] if data is not None else []
-    window_note = fit_ms_ssim_window(cfg)
+    output_dir = cfg.output_dir
+    if not output_dir:
+        if run.ref.is_trainer_checkpoint:
+            checkpoint = resolve_checkpoint(cfg.model)
+            output_dir = str(checkpoint.run_dir / EVAL_DIR / checkpoint.tag)
+        else:
+            output_dir = DEFAULT_OUTPUT_DIR
+    ms_ssim_config, window_note = fit_ms_ssim_window(cfg.ms_ssim, cfg.ms_ssim_config, min(cfg.sampling.height, cfg.sampling.width))
     if window_note:
         notes.append(window_note)
-    if not cfg.output_dir:
-        if is_trainer_checkpoint(cfg.model):
-            ref = resolve_checkpoint(cfg.model)
-            cfg.output_dir = str(ref.run_dir / EVAL_DIR / ref.tag)
-        else:
-            cfg.output_dir = DEFAULT_OUTPUT_DIR
-    return notes
+    resolved = replace(cfg, prompts=prompts, extractors=extractors, clip_model=clip_model, output_dir=output_dir,
+                       ms_ssim_config=ms_ssim_config)
+    return ResolvedEval(replace(run, cfg=resolved), notes, wants_is)
 
 
-def fit_ms_ssim_window(cfg: EvalConfig) -> str | None:
-    """MS-SSIM's five scales need images of (win_size - 1) * 16 + 1 px; for smaller images (the demo's
-    128 px) use the largest odd window that fits and say so (a note for the report), else None."""
-    side = min(cfg.sampling.pixel_size())
-    if not cfg.ms_ssim or side >= cfg.ms_ssim_config.min_image_size():
-        return None
+def fit_ms_ssim_window(enabled: bool, config: MSSSIMConfig, side: int) -> tuple[MSSSIMConfig, str | None]:
+    """MS-SSIM's five scales need images of (win_size - 1) * 16 + 1 px; for smaller images (the demo's 128 px) the
+    largest odd window that fits, and a note saying so (for the report); else (``config``, None)."""
+    if not enabled or side >= config.min_image_size():
+        return config, None
     largest = (side - 1) // 2 ** (MSSSIM_SCALES - 1) + 1
     largest -= 1 - largest % 2  # odd
     if largest < MIN_MS_SSIM_WINDOW:
@@ -152,12 +196,11 @@ def fit_ms_ssim_window(cfg: EvalConfig) -> str | None:
             f"(got {side} px); set ms_ssim=false"
         )
     note = (
-        f"ms_ssim: window {largest} instead of {cfg.ms_ssim_config.win_size}: with {MSSSIM_SCALES} scales a "
-        f"{cfg.ms_ssim_config.win_size}-px window needs images of {cfg.ms_ssim_config.min_image_size()} px, these are {side} px"
+        f"ms_ssim: window {largest} instead of {config.win_size}: with {MSSSIM_SCALES} scales a "
+        f"{config.win_size}-px window needs images of {config.min_image_size()} px, these are {side} px"
     )
-    cfg.ms_ssim_config = replace(cfg.ms_ssim_config, win_size=largest)
     distributed.print0(note)
-    return note
+    return replace(config, win_size=largest), note
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -214,12 +257,18 @@ def _diversity(cfg, samples: list[SampleSpec], prompt_set: PromptSet, images_dir
     return gather_rows(np.asarray(indices, np.int64), np.asarray(values, np.float64))[1]
 
 
-def _write_tensorboard(cfg, out_dir: Path, samples, images_dir: Path, metrics: dict, step: int) -> None:
+def write_report(out_dir: Path, report: dict, samples: list[SampleSpec], grid_size: int, tensorboard: bool) -> None:
+    """report.json, and (``tensorboard``) the first ``grid_size`` samples as a grid plus the metric scalars at the
+    checkpoint's step in ``out_dir/tensorboard``."""
+    atomic_write_json(out_dir / "report.json", report)
+    if not tensorboard:
+        return
+    step = report["checkpoint"].get("step") or 0
     writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-    shown = samples[: cfg.grid_size]
+    shown = samples[:grid_size]
     if shown:
-        writer.add_image("eval/samples", sample_grid([images_dir / s.file_name for s in shown]), step)
-    for name, value in metrics.items():
+        writer.add_image("eval/samples", sample_grid([out_dir / "images" / s.file_name for s in shown]), step)
+    for name, value in report["metrics"].items():
         if value is not None:
             writer.add_scalar(f"eval/{name}", value, step)
     writer.flush()
@@ -228,33 +277,31 @@ def _write_tensorboard(cfg, out_dir: Path, samples, images_dir: Path, metrics: d
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Run the evaluation on this rank; returns the report on rank 0 and {} elsewhere."""
-    cfg.sampling.validate()
-    data_notes = apply_eval_defaults(cfg)
-    cfg.validate()
+    resolved = resolve_eval(cfg)
+    cfg, run = resolved.cfg, resolved.run
+    check_decoder_files(run)
     start = time.perf_counter()
     device = init_process_group()
     out_dir = Path(cfg.output_dir)
     images_dir = out_dir / "images"
-    model_info = describe_model(cfg.model)
-    vocab = load_vocab(cfg.model)
-    prompt_set = load_prompts(cfg.prompts, vocab, cfg.num_prompts)
+    prompt_set = prompt_set_of(run)
     samples = build_samples(prompt_set, cfg.samples_per_prompt, cfg.sampling.seed)
-    prepare_output_dir(cfg, samples, out_dir)
+    prepare_output_dir(run, samples, out_dir)
     chunks = my_chunks(len(samples), cfg.batch_size)
     distributed.print0(
-        f"eval: {len(prompt_set.prompts)} prompts from {prompt_set.source} x {cfg.samples_per_prompt} samples on "
-        f"{distributed.world_size()} rank(s)"
+        f"eval: {len(prompt_set.prompts)} {'classes' if prompt_set.of_classes else 'prompts'} from {prompt_set.source} "
+        f"x {cfg.samples_per_prompt} samples on {distributed.world_size()} rank(s)"
     )
 
     # ---- generate what is missing --------------------------------------------------------------
-    generated, reused = generate_missing_images(cfg, samples, chunks, images_dir, device)
+    generated, reused = generate_missing_images(run, samples, chunks, images_dir, device)
     distributed.barrier()
     generated, reused = sum_over_ranks([generated, reused])
 
     # ---- per-sample metrics (this rank's chunks), gathered in sample order ---------------------
     extractors = [build_extractor(name, cfg.extractor_weights.get(name, "")).to(device) for name in cfg.extractors]
     clip = build_clip_scorer(cfg.clip_model, device) if cfg.clip_model else None
-    real = RealImages(cfg.sampling.height, cfg.sampling.width, cfg.vqgan_config, cfg.vqgan_checkpoint, device)
+    real = RealImages(cfg.sampling.height, cfg.sampling.width, decoder_factory=lambda: load_decoder(run, device))
     paired_real = real if (cfg.ms_ssim and prompt_set.has_real_images) else None
     local = _per_sample_metrics(cfg, samples, chunks, images_dir, extractors, clip, paired_real, cfg.progress_bar)
     generated_features = {e.name: _gather_metric(local, f"features/{e.name}", e.feature_dim) for e in extractors}
@@ -264,15 +311,26 @@ def run_eval(cfg: EvalConfig) -> dict:
     diversity = _diversity(cfg, samples, prompt_set, images_dir) if cfg.ms_ssim and cfg.samples_per_prompt > 1 else None
 
     # ---- reference statistics ------------------------------------------------------------------
+    notes: list[str] = list(resolved.notes)
     reference: dict[str, FeatureStats] = {}
     reference_files: dict[str, str] = {}
+    published: set[str] = set()  # extractors whose reference is a published batch of another implementation (ADM)
     for e in extractors:
         if e.name in cfg.reference_stats:
-            reference[e.name] = load_stats(cfg.reference_stats[e.name], e.name, e.weights_hash)
+            reference[e.name], note = read_reference(cfg.reference_stats[e.name], e.name, e.weights_hash)
             reference_files[e.name] = cfg.reference_stats[e.name]
+            if note:
+                notes.append(note)
+                published.add(e.name)
     to_compute = [e for e in extractors if e.name not in reference] if cfg.reference else []
+    if to_compute and cfg.reference == REFERENCE_FROM_PROMPTS and not prompt_set.has_real_images:
+        notes.append(
+            f"fid: the prompts ({prompt_set.source}, {prompt_set.kind}) carry no real images; give reference_stats= "
+            "or reference=<image folder | MDS dir>"
+        )
+        to_compute = []
     if to_compute:
-        items = reference_items(cfg.reference, prompt_set, vocab, cfg.reference_limit)
+        items = reference_items(cfg.reference, prompt_set, run.ref.vocab(), cfg.reference_limit)
         source = {
             "reference": cfg.reference, "num_items": len(items), "height": cfg.sampling.height, "width": cfg.sampling.width,
         }
@@ -288,7 +346,6 @@ def run_eval(cfg: EvalConfig) -> dict:
         return {}
 
     # ---- report (rank 0) -----------------------------------------------------------------------
-    notes: list[str] = list(data_notes)
     if real_failures:
         notes.append(f"{real_failures} real image(s) could not be read and were left out (listed in the ranks' output)")
     metrics: dict[str, float | None] = {}
@@ -303,10 +360,14 @@ def run_eval(cfg: EvalConfig) -> dict:
             notes.append(f"{key}: needs at least 2 generated samples")
         else:
             ref = reference[e.name]
-            metrics[key] = fid_score(features, e, ref)
+            metrics[key] = fid_score(features, e, ref, same_weights=e.name not in published)
             reference_info[e.name] = {
                 "stats_file": reference_files[e.name], "num_samples": ref.num_samples, "source": ref.source,
             }
+    if resolved.inception_score:
+        inception = next(e for e in extractors if e.name == INCEPTION_SCORE_EXTRACTOR)
+        probabilities = class_probabilities(generated_features[inception.name], inception.network)
+        metrics["inception_score"] = inception_score(probabilities, cfg.inception_score_split)
     metrics["ms_ssim_paired"] = float(paired.mean()) if paired is not None and len(paired) else None
     metrics["ms_ssim_diversity"] = float(diversity.mean()) if diversity is not None and len(diversity) else None
     metrics["clip_score"] = float(clip_scores.mean()) if clip_scores is not None and len(clip_scores) else None
@@ -319,13 +380,16 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     report = {
         "model": cfg.model,
-        "checkpoint": model_info,
+        "checkpoint": run.ref.description,
         "num_samples": len(samples),
         "num_prompts": len(prompt_set.prompts),
         "samples_per_prompt": cfg.samples_per_prompt,
         "metrics": metrics,
         "extractors": {e.name: e.describe() for e in extractors},
         "reference": reference_info,
+        "inception_score": {
+            "split_size": cfg.inception_score_split, "logits": "pool3 @ fc.weight (no bias), as ADM",
+        } if resolved.inception_score else None,
         "ms_ssim": {
             "paired": {"form": PAIRED_FORM, "num_pairs": 0 if paired is None else len(paired)},
             "diversity": {"form": DIVERSITY_FORM, "num_prompts": 0 if diversity is None else len(diversity)},
@@ -340,19 +404,20 @@ def run_eval(cfg: EvalConfig) -> dict:
         },
         "sampling": cfg.sampling.as_dict(),
         "batch_size": cfg.batch_size,
+        "precision": cfg.precision,
         "prompts": {"source": prompt_set.source, "kind": prompt_set.kind, "skipped": prompt_set.skipped},
         "generation": {"generated": generated, "reused": reused},
         "world_size": distributed.world_size(),
         "notes": notes,
         "wall_s": time.perf_counter() - start,
     }
-    atomic_write_json(out_dir / "report.json", report)
-    if cfg.tensorboard:
-        _write_tensorboard(cfg, out_dir, samples, images_dir, metrics, model_info.get("step") or 0)
+    write_report(out_dir, report, samples, cfg.grid_size, cfg.tensorboard)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
     print(
         f"eval done: {len(samples)} samples ({generated} generated, {reused} reused); {shown}; "
         f"report {out_dir / 'report.json'}",
         flush=True,
     )
+    for note in notes:  # what the numbers above mean where a default shaped them (the demo's CLIP-Score, its FID)
+        print(f"note: {note}", flush=True)
     return report

@@ -31,30 +31,35 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from arra_ds import distributed
-from arra_ds.distributed import gather_rows, my_chunks
 from arra_ds.checkpoints import RunData
 from arra_ds.data.pretokenize.config import META_FILE as PRETOKENIZE_META
+from arra_ds.distributed import gather_rows, my_chunks
 from arra_ds.errors import ConfigError
 from arra_ds.eval.extractors import EXTRACTORS, build_extractor
 from arra_ds.eval.reference import RealImages, cached_or_computed_stats
-from arra_ds.eval.summary import fid_score, sample_grid
+from arra_ds.eval.summary import captioned_grid, fid_score
 from arra_ds.generate.images import load_rgb, save_png, to_chw_batch
-from arra_ds.generate.pipeline import build_samples, generate_missing, load_decoder
+from arra_ds.generate.pipeline import build_samples, generate_missing
 from arra_ds.generate.prompts import load_prompts
-from arra_ds.generate.sampler import ImageSampler
+from arra_ds.generate.sampler import Sampler
 from arra_ds.generate.sampling import SamplingConfig
-from arra_ds.model.backbone import GatherContext, skeleton_like
-from arra_ds.tokens.layout import CODE_PATCH_PX
+from arra_ds.io import atomic_write
+from arra_ds.model.arra import training_skeleton
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.interface import GatherContext
 
-SAMPLES_PNG = "samples.png"  # the latest sample grid, in the run directory
+SAMPLES_PNG = "samples.png"  # the latest sample grid, each tile captioned with its prompt, in the run directory
+SAMPLES_TXT = "samples.txt"  # the grid's prompts, tile by tile
 
 
 @dataclass
 class TrainEvalConfig:
     """Settings of the in-training evaluation (``train.eval_every`` > 0 turns it on)."""
 
-    num_prompts: int = 8  # the first n samples of the training data (prompt + real image codes)
-    vqgan_config: str = ""  # Chameleon vqgan.yaml (decoder of the data's codes); "" = the data's own VQGAN
+    num_prompts: int = 8  # the first n samples of the training data (prompt or class + real image codes)
+    # the image tokenizer that decodes the data's codes (Chameleon vqgan.yaml + vqgan.ckpt, LlamaGen VQ yaml +
+    # checkpoint); "" = the one the data was pre-tokenised with
+    vqgan_config: str = ""
     vqgan_checkpoint: str = ""
     extractor: str = "inception"  # FID features: inception | xrv | thumbnail; "" = no FID (grid only)
     extractor_weights: str = ""  # file, "random", or "" for the library cache
@@ -63,10 +68,10 @@ class TrainEvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self) -> None:
-        if bool(self.vqgan_config) != bool(self.vqgan_checkpoint):
+        if self.vqgan_config and not self.vqgan_checkpoint:
             raise ConfigError(
-                "eval.vqgan_config=<vqgan.yaml> and eval.vqgan_checkpoint=<vqgan.ckpt> go together (the decoder of "
-                "the data's image codes); leave both empty to use the VQGAN the data was pre-tokenised with"
+                "eval.vqgan_config goes with eval.vqgan_checkpoint (the image tokenizer that decodes the data's codes); "
+                "leave both empty to use the one the data was pre-tokenised with"
             )
         for key, path in (("eval.vqgan_config", self.vqgan_config), ("eval.vqgan_checkpoint", self.vqgan_checkpoint)):
             if path and not Path(path).is_file():
@@ -78,10 +83,13 @@ class TrainEvalConfig:
         self.sampling.validate()
 
 
-def inference_copy(backbone: nn.Module, gather: GatherContext, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A plain Chameleon with ``backbone``'s weights, built on the meta device and filled one module
-    at a time inside ``gather`` (ZeRO-3 partitioned weights are whole only inside it)."""
-    copy = skeleton_like(backbone.config, dtype)
+def inference_copy(
+    backbone: nn.Module, model_cfg: ModelConfig, gather: GatherContext, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """A plain (hook-free) copy of the training ``backbone`` (its training skeleton: LoRA layers included), built on
+    the meta device and filled one module at a time inside ``gather`` (ZeRO-3 partitioned weights are whole only
+    inside it)."""
+    copy = training_skeleton(model_cfg, dtype)
     copy.to_empty(device=device)
     target = dict(copy.named_modules())
     with torch.no_grad():
@@ -95,64 +103,69 @@ def inference_copy(backbone: nn.Module, gather: GatherContext, device: torch.dev
         for name, buffer in backbone.named_buffers():  # ZeRO-3 partitions parameters only
             module_name, _, buffer_name = name.rpartition(".")
             getattr(target[module_name], buffer_name).copy_(buffer)
-    copy.config.use_cache = True
+    if hasattr(copy, "config") and hasattr(copy.config, "use_cache"):
+        copy.config.use_cache = True  # Hugging Face models: sampling runs with a KV cache
     return copy.eval().requires_grad_(False)
 
 
 NO_DECODER = (
-    f"the decoder of the data's image codes: the data names no VQGAN (no {PRETOKENIZE_META} next to its shards); "
-    "pass eval.vqgan_config=<vqgan.yaml> eval.vqgan_checkpoint=<vqgan.ckpt>"
+    f"the decoder of the data's image codes: the data names no image tokenizer (no {PRETOKENIZE_META} next to its "
+    "shards); pass eval.vqgan_config=<config> eval.vqgan_checkpoint=<weights>"
 )
 
 
 def decoder_files(cfg: TrainEvalConfig, data: RunData | None) -> tuple[str, str]:
     """(vqgan.yaml, vqgan.ckpt): eval.vqgan_* when given, else the data's own VQGAN, else ("", "")."""
-    if cfg.vqgan_config:
+    if cfg.vqgan_checkpoint:
         return cfg.vqgan_config, cfg.vqgan_checkpoint
-    if data is not None and data.vqgan_config:
+    if data is not None and data.vqgan_checkpoint:
         return data.vqgan_config, data.vqgan_checkpoint
     return "", ""
 
 
-def build_train_evaluator(cfg: TrainEvalConfig, dataset, vocab, run_dir: Path, device: torch.device, source: str,
-                          data: RunData | None) -> "TrainEvaluator | None":
+def build_train_evaluator(cfg: TrainEvalConfig, model_cfg: ModelConfig, dataset, vocab, run_dir: Path,
+                          device: torch.device, source: str, data: RunData | None) -> "TrainEvaluator | None":
     """The evaluator, or None (and one line saying why) when no decoder is known: train.eval_every is on in
     the embedded default config, which also trains on data of unknown origin (data.path=<MDS dir>)."""
-    if not decoder_files(cfg, data)[0]:
+    if not decoder_files(cfg, data)[1]:
         distributed.print0(f"in-training eval (train.eval_every > 0) is off: it needs {NO_DECODER}")
         return None
-    return TrainEvaluator(cfg, dataset, vocab, run_dir, device, source, data)
+    return TrainEvaluator(cfg, model_cfg, dataset, vocab, run_dir, device, source, data)
 
 
 class TrainEvaluator:
     """Holds the prompts, decoder, extractor and reference statistics between evaluations."""
 
     def __init__(
-        self, cfg: TrainEvalConfig, dataset, vocab, run_dir: Path, device: torch.device, source: str,
-        data: RunData | None = None,
+        self, cfg: TrainEvalConfig, model_cfg: ModelConfig, dataset, vocab, run_dir: Path, device: torch.device,
+        source: str, data: RunData | None = None,
     ):
         self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.backbone = model_cfg.backbone
         self.vocab = vocab
         self.device = device
         self.run_dir = run_dir
         self.out_dir = run_dir / "eval"
         vqgan_config, vqgan_checkpoint = decoder_files(cfg, data)
-        if not vqgan_config:
+        if not vqgan_checkpoint:
             raise ConfigError(f"train.eval_every > 0 needs {NO_DECODER}")
         self.prompts = load_prompts(source, vocab, cfg.num_prompts, dataset=dataset)
         with self._training_rng_untouched():  # building the decoder initialises weights from the global RNG
-            self.decoder = load_decoder(vqgan_config, vqgan_checkpoint, device)
+            self.decoder = self.backbone.load_decoder(vqgan_config, vqgan_checkpoint).to(device)
             self.extractor = build_extractor(cfg.extractor, cfg.extractor_weights).to(device) if cfg.extractor else None
-        self.sampling = cfg.sampling
-        if cfg.size_from_data:
+        factor = self.decoder.downsample_factor
+        if factor != self.backbone.code_patch_px:
+            raise ConfigError(
+                f"eval.vqgan_config: the image tokenizer downsamples by {factor}, but model.source={self.backbone.name} "
+                f"has one code per {self.backbone.code_patch_px} px; use the one the data was pre-tokenised with"
+            )
+        sampling = cfg.sampling.with_defaults(self.backbone.sampling_defaults)
+        if cfg.size_from_data and self.prompts.prompts[0].real_codes is not None:
             h, w = self.prompts.prompts[0].real_codes.shape
-            factor = self.decoder.downsample_factor
-            if factor != CODE_PATCH_PX:
-                raise ConfigError(
-                    f"eval.vqgan_config: the VQGAN downsamples by {factor}, but the token layout has one code per "
-                    f"{CODE_PATCH_PX} px; use the VQGAN the data was pre-tokenised with"
-                )
-            self.sampling = replace(cfg.sampling, height=h * factor, width=w * factor)
+            sampling = replace(sampling, height=h * factor, width=w * factor)
+        self.grid = self.backbone.sampling_grid(model_cfg, sampling.height, sampling.width)
+        self.sampling = replace(sampling, height=self.grid[0] * factor, width=self.grid[1] * factor)
         self.samples = build_samples(self.prompts, 1, self.sampling.seed)
         self.reference = None
 
@@ -178,6 +191,8 @@ class TrainEvaluator:
                 logger.log(step, scalars)
             logger.add_image("eval/samples", grid, step)
             save_png(np.ascontiguousarray(grid.transpose(1, 2, 0)), self.run_dir / SAMPLES_PNG)  # [H, W, 3]
+            atomic_write(self.run_dir / SAMPLES_TXT, "".join(
+                f"{i}\t{s.prompt.text}\n" for i, s in enumerate(self.samples)))
             shown = ", ".join(f"{k} {v:.3f}" for k, v in scalars.items())
             if self.extractor is None:
                 shown = "sample grid"
@@ -194,8 +209,8 @@ class TrainEvaluator:
         grid [3, H, W] uint8) on rank 0, ({}, None) elsewhere."""
         images_dir = self.out_dir / f"step_{step:08d}"
         with self._training_rng_untouched():
-            model = inference_copy(backbone, gather, self.device, dtype)
-            sampler = ImageSampler(model, self.vocab, self.sampling)
+            model = inference_copy(backbone, self.model_cfg, gather, self.device, dtype)
+            sampler = Sampler(self.backbone, model, self.vocab, self.sampling, self.grid)
             chunks = my_chunks(len(self.samples), self.cfg.batch_size)
             generate_missing(sampler, self.decoder, _prompt_ids_only, self.samples, chunks, images_dir, progress=False)
             del model, sampler
@@ -216,7 +231,7 @@ class TrainEvaluator:
         scalars = {}
         if reference is not None:
             scalars[f"eval/fid_{self.extractor.name}"] = fid_score(features, self.extractor, reference)
-        return scalars, sample_grid([images_dir / s.file_name for s in self.samples])
+        return scalars, captioned_grid([images_dir / s.file_name for s in self.samples], [s.prompt.text for s in self.samples])
 
 
 def _prompt_ids_only(text: str) -> list[int]:

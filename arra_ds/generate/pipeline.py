@@ -1,21 +1,22 @@
-"""Prompts -> PNG files on one or many ranks, resumable; used by ``launch/generate.py`` and the eval.
+"""The generation engine: prompts or class labels -> PNG files on one or many ranks, resumable, for any backbone.
+Used by ``launch/generate.py``, the evaluation (``launch/eval.py``) and the in-training evaluation.
 
-    torchrun --nproc_per_node=N launch/generate.py model=<ckpt or HF dir> prompts=prompts.txt \
-        vqgan_config=vqgan.yaml vqgan_checkpoint=vqgan.ckpt output_dir=out
+    torchrun --nproc_per_node=N launch/generate.py model=<run | checkpoint | model> prompts=prompts.txt output_dir=out
+    torchrun --nproc_per_node=N launch/generate.py model=runs/llamagen classes=[1,207,360] samples_per_prompt=4
 
-Sample k is prompt k // S, replica k % S (S = ``samples_per_prompt``), seeded with
-``seed_for_sample(sampling.seed, k)`` and written to ``<output_dir>/images/<k:06d>.png``.
-Generation batches are the chunks ``[c * batch_size, (c + 1) * batch_size)`` of sample indices and
-chunk c runs on rank c % world: a sample is generated in the same batch with the same seed whatever
-the number of ranks, and each image is decoded alone, so 1 rank and 8 ranks write the same files.
-Existing PNGs (written atomically) are kept; only missing ones are generated. ``generation.json``
-(model, sampling, decoder, batch size) and ``samples.jsonl`` (prompt and seed of every sample) are
-written before the first image: a PNG made with other settings or for another prompt is made again,
-never passed off as the new one.
+Sample k is prompt k // S, replica k % S (S = ``samples_per_prompt``; a prompt is a text or a class label),
+seeded with ``seed_for_sample(sampling.seed, k)`` and written to ``<output_dir>/images/<k:06d>.png``.
+Generation batches are the chunks ``[c * batch_size, (c + 1) * batch_size)`` of sample indices and chunk c runs
+on rank c % world: a sample is generated in the same batch with the same seed whatever the number of ranks,
+and each image is decoded alone, so 1 rank and 8 ranks write the same files. Existing PNGs (written
+atomically) are kept; only missing ones are generated. ``generation.json`` (model, sampling, decoder, batch size)
+and ``samples.jsonl`` (prompt and seed of every sample) are written before the first image: a PNG made with other
+settings or for another prompt is made again, never passed off as the new one.
 
-What the user leaves out comes from the model's data record (``arra_ds.checkpoints.read_run_data``):
-the VQGAN files the data was pre-tokenised with, and the size it was trained at (``sampling.height``
-/ ``width`` = 0). Another size is allowed, with one warning line: the model has never drawn it.
+What the user leaves out comes from the model's data record (``arra_ds.checkpoints.read_run_data``): the image
+tokenizer the data was pre-tokenised with (checked against the run's record of it when it lives outside the
+run), and the size it was trained at (``sampling.height`` / ``width`` = 0). Another size is allowed where the
+backbone can draw it, with one warning line: the model has never drawn it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import gc
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -33,18 +34,22 @@ import torch
 from tqdm.auto import tqdm
 
 from arra_ds import distributed
-from arra_ds.checkpoints import RUN_DATA_FILE, RunData, read_run_data
+from arra_ds.checkpoints import RUN_DATA_FILE, RunData, check_external_file, read_run_assets, read_run_data
 from arra_ds.data.images import pixels_to_uint8
 from arra_ds.distributed import compute_dtype, init_process_group, my_chunks, sum_over_ranks
 from arra_ds.errors import ConfigError
 from arra_ds.generate.images import save_png
-from arra_ds.generate.loading import describe_model, load_for_generation, load_vocab
-from arra_ds.generate.prompts import Prompt, PromptSet, load_prompts, prompts_from_texts
-from arra_ds.generate.sampler import ImageSampler
+from arra_ds.generate.loading import ModelRef, load_for_generation, resolve_model
+from arra_ds.generate.prompts import Prompt, PromptSet, load_prompts, prompts_from_classes, prompts_from_texts
+from arra_ds.generate.sampler import Sampler
 from arra_ds.generate.sampling import SamplingConfig, seed_for_sample
 from arra_ds.io import atomic_write, atomic_write_json, read_jsonl
-from arra_ds.tokens.layout import CODE_PATCH_PX
-from arra_ds.tokens.vqgan import VQGAN
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.interface import ImageDecoder
+
+MANIFEST_FILE = "samples.jsonl"
+SETTINGS_FILE = "generation.json"
+IMAGE_NAME = re.compile(r"^\d{6}\.png$")  # SampleSpec.file_name
 
 
 @dataclass
@@ -59,10 +64,13 @@ class SampleSpec:
         return f"{self.index:06d}.png"
 
     def manifest_entry(self) -> dict:
-        return {
+        entry = {
             "index": self.index, "prompt_index": self.prompt.index, "replica": self.replica, "seed": self.seed,
             "uid": self.prompt.uid, "prompt": self.prompt.text, "file": f"images/{self.file_name}",
         }
+        if self.prompt.is_class:
+            entry["class_id"] = self.prompt.class_id
+        return entry
 
 
 def build_samples(prompt_set: PromptSet, samples_per_prompt: int, base_seed: int) -> list[SampleSpec]:
@@ -78,26 +86,141 @@ def write_manifest(samples: list[SampleSpec], path: Path) -> None:
     atomic_write(path, "".join(json.dumps(s.manifest_entry()) + "\n" for s in samples))
 
 
-MANIFEST_FILE = "samples.jsonl"
-SETTINGS_FILE = "generation.json"
-IMAGE_NAME = re.compile(r"^\d{6}\.png$")  # SampleSpec.file_name
+# ---- the config and its resolution -------------------------------------------------------------
 
 
-def generation_settings(cfg) -> dict:
-    """What makes an image besides its prompt and seed (``cfg``: a GenerateConfig or EvalConfig)."""
+@dataclass
+class GenerateConfig:
+    # a trainer checkpoint (run dir / checkpoints / step dir), a Hugging Face Chameleon directory (Lumina-mGPT,
+    # an export) or a released LlamaGen c2i .pt
+    model: str = ""
+    # the model section of a model that is not a trainer checkpoint, for what its files do not say (a LlamaGen
+    # .pt: backbone.llamagen.size=B ...); a trainer checkpoint has its own
+    backbone: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: str = ""  # prompt tokenizer JSON; default: the model's
+    # the image tokenizer that decodes the codes: Chameleon vqgan.yaml + vqgan.ckpt, or LlamaGen's VQ checkpoint
+    # (vq_ds16_c2i.pt; its config a yaml of LlamaGenVQConfig fields, default VQ-16); default: the run's data record's
+    vqgan_config: str = ""
+    vqgan_checkpoint: str = ""
+    prompts: str = ""  # .txt (one per line), conversation .json or MDS directory (class-to-image MDS: its labels)
+    prompt_texts: list[str] = field(default_factory=list)  # prompts given directly (used when prompts is empty)
+    classes: list[int] = field(default_factory=list)  # class labels to draw (class-conditional models); [] = all
+    num_prompts: int = 0  # first n prompts (or classes); 0 = all
+    samples_per_prompt: int = 1  # per text prompt or class label
+    batch_size: int = 8
+    output_dir: str = "runs/generate"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("model=<trainer checkpoint, Hugging Face Chameleon dir or LlamaGen .pt> is required")
+        if sum(map(bool, (self.prompts, self.prompt_texts, self.classes))) > 1:
+            raise ConfigError("give one of prompts=<file or MDS dir>, prompt_texts=[...] (or --prompt) and classes=[...]")
+        if self.samples_per_prompt < 1 or self.batch_size < 1 or self.num_prompts < 0:
+            raise ConfigError("samples_per_prompt and batch_size must be >= 1, num_prompts >= 0")
+        if any(c < 0 for c in self.classes) or len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"classes={self.classes} must be distinct class ids >= 0")
+        self.sampling.validate()
+
+
+@dataclass
+class ResolvedGeneration:
+    """A generation (or evaluation) config with every default filled in, and what it was resolved from. Nothing
+    changes it after ``resolve_generation``."""
+
+    cfg: GenerateConfig  # (an EvalConfig for evaluation) with the image tokenizer, sampling size and defaults set
+    ref: ModelRef
+    data: RunData | None  # the model's data record, if it has one
+    grid: tuple[int, int]  # the code grid sampled (h, w)
+
+    @property
+    def backbone(self):
+        return self.ref.backbone
+
+
+def _decoder_files(cfg: GenerateConfig, data: RunData | None) -> tuple[str, str]:
+    """(config, checkpoint) of the image tokenizer: the keys when given, else the data record's; a checkpoint the run
+    recorded outside itself (too large to copy) must still be the file it saw."""
+    if cfg.vqgan_config or cfg.vqgan_checkpoint or data is None:
+        return cfg.vqgan_config, cfg.vqgan_checkpoint
+    checkpoint = data.vqgan_checkpoint
+    assets = read_run_assets(cfg.model)
+    external = assets.external_file("vqgan_checkpoint") if assets is not None else None
+    if external is not None and checkpoint:
+        checkpoint = str(check_external_file(external))
+    return data.vqgan_config, checkpoint
+
+
+def resolve_generation(cfg: GenerateConfig) -> ResolvedGeneration:
+    """Fill what ``cfg`` (a GenerateConfig or EvalConfig) leaves out: the image tokenizer and the trained size from
+    the model's data record, the sampling settings from the backbone's defaults. Warns (one line, rank 0) when
+    asked for a size the model was not trained at. Returns a new config; ``cfg`` is left as it was."""
+    cfg.validate()
+    ref = resolve_model(cfg.model, cfg.backbone)
+    backbone = ref.backbone
+    data = read_run_data(cfg.model)
+    vqgan_config, vqgan_checkpoint = _decoder_files(cfg, data)
+    sampling = cfg.sampling.with_defaults(backbone.sampling_defaults)
+    trained = data.grid if data is not None else None
+    if trained is not None:
+        trained_px = (trained.code_height * backbone.code_patch_px, trained.code_width * backbone.code_patch_px)
+        sampling = sampling.with_default_size(*trained_px)
+        if (sampling.height, sampling.width) != trained_px:
+            distributed.print0(
+                f"warning: sampling {sampling.height}x{sampling.width} px, but {cfg.model} was trained on "
+                f"{trained_px[0]}x{trained_px[1]} px ({trained.code_height}x{trained.code_width} codes) images: it has "
+                f"never drawn this size (leave sampling.height / width out for the trained size)",
+                file=sys.stderr,
+            )
+    grid = backbone.sampling_grid(ref.model_cfg, sampling.height, sampling.width)
+    sampling = replace(sampling, height=grid[0] * backbone.code_patch_px, width=grid[1] * backbone.code_patch_px)
+    if backbone.condition == "text" and cfg.classes:
+        raise ConfigError(f"classes={cfg.classes}: {cfg.model} draws for text prompts (model.source={backbone.name}); "
+                          "give prompts=<file> or --prompt")
+    if backbone.condition == "class" and (cfg.prompt_texts or (cfg.prompts and not Path(cfg.prompts).is_dir())):
+        raise ConfigError(f"{cfg.model} draws for class labels (model.source={backbone.name}): give classes=[...] or a "
+                          "class-to-image MDS directory as prompts=, not text prompts")
+    resolved = replace(cfg, vqgan_config=vqgan_config, vqgan_checkpoint=vqgan_checkpoint, sampling=sampling)
+    return ResolvedGeneration(resolved, ref, data, grid)
+
+
+def prompt_set_of(resolved: ResolvedGeneration) -> PromptSet:
+    """The prompts (texts or class labels) of a resolved generation."""
+    cfg, ref = resolved.cfg, resolved.ref
+    if cfg.prompts:
+        return load_prompts(cfg.prompts, ref.vocab(), cfg.num_prompts)
+    if cfg.prompt_texts:
+        return prompts_from_texts(cfg.prompt_texts)
+    if ref.backbone.condition == "class":
+        num_classes = ref.backbone.num_classes(ref.model_cfg)
+        classes = cfg.classes or list(range(num_classes))
+        if max(classes) >= num_classes:
+            raise ConfigError(f"classes={cfg.classes}: the model has {num_classes} classes (ids 0..{num_classes - 1})")
+        return prompts_from_classes(classes[: cfg.num_prompts] if cfg.num_prompts else classes)
+    raise ConfigError("give the prompts: prompts=<.txt | conversation .json | MDS dir> or --prompt \"...\"")
+
+
+# ---- output directory: settings, manifest, stale images --------------------------------------------
+
+
+def generation_settings(resolved: ResolvedGeneration) -> dict:
+    """What makes an image besides its prompt and seed."""
+    cfg = resolved.cfg
     settings = {
-        "model": describe_model(cfg.model), "precision": cfg.precision, "tokenizer": cfg.tokenizer,
+        "model": resolved.ref.description, "precision": cfg.precision, "tokenizer": cfg.tokenizer,
         "vqgan_config": cfg.vqgan_config, "vqgan_checkpoint": cfg.vqgan_checkpoint, "batch_size": cfg.batch_size,
         "sampling": cfg.sampling.as_dict(),
     }
     return json.loads(json.dumps(settings))  # as read back from the file
 
 
-def discard_stale_images(cfg, samples: list[SampleSpec], out_dir: Path) -> int:
+def discard_stale_images(resolved: ResolvedGeneration, samples: list[SampleSpec], out_dir: Path) -> int:
     """Rank 0, before generating: delete the PNGs in ``out_dir/images`` that were made with other
     settings or for another sample, then record the settings and the samples; returns how many went."""
     images_dir = out_dir / "images"
-    settings = generation_settings(cfg)
+    settings = generation_settings(resolved)
     settings_path, manifest_path = out_dir / SETTINGS_FILE, out_dir / MANIFEST_FILE
     same_settings = settings_path.is_file() and json.loads(settings_path.read_text()) == settings
     previous = {}
@@ -119,51 +242,38 @@ def discard_stale_images(cfg, samples: list[SampleSpec], out_dir: Path) -> int:
     return removed
 
 
-def prepare_output_dir(cfg, samples: list[SampleSpec], out_dir: Path) -> None:
+def prepare_output_dir(resolved: ResolvedGeneration, samples: list[SampleSpec], out_dir: Path) -> None:
     """Every rank: the images directory exists and holds no stale image (rank 0 checks)."""
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if distributed.is_rank0():
-        discard_stale_images(cfg, samples, out_dir)
+        discard_stale_images(resolved, samples, out_dir)
     distributed.barrier()
 
 
-def apply_run_data(cfg) -> RunData | None:
-    """Fill what ``cfg`` (a GenerateConfig or EvalConfig) leaves out from the model's data record:
-    the VQGAN files and the trained size. Warns (one line, rank 0) when asked for another size."""
-    data = read_run_data(cfg.model) if cfg.model else None
-    if data is not None and not cfg.vqgan_config and not cfg.vqgan_checkpoint:
-        cfg.vqgan_config, cfg.vqgan_checkpoint = data.vqgan_config, data.vqgan_checkpoint
-    if data is None or not data.code_height:
-        cfg.sampling = cfg.sampling.with_default_size(*cfg.sampling.pixel_size())
-        return data
-    trained = (data.height_px, data.width_px)
-    cfg.sampling = cfg.sampling.with_default_size(*trained)
-    if cfg.sampling.pixel_size() != trained:
-        height, width = cfg.sampling.pixel_size()
-        distributed.print0(
-            f"warning: sampling {height}x{width} px ({height // CODE_PATCH_PX}x{width // CODE_PATCH_PX} codes), but "
-            f"{cfg.model} was trained on {trained[0]}x{trained[1]} px ({data.code_height}x{data.code_width} codes) "
-            f"images: it has never drawn this size (leave sampling.height / width out for the trained size)",
-            file=sys.stderr,
-        )
-    return data
+# ---- generating ---------------------------------------------------------------------------------
 
 
-# ---- model pieces -------------------------------------------------------------------------------
-def load_decoder(vqgan_config: str, vqgan_checkpoint: str, device: torch.device) -> VQGAN:
-    return VQGAN.from_original(vqgan_config, vqgan_checkpoint).to(device).eval()
+def load_decoder(resolved: ResolvedGeneration, device) -> ImageDecoder:
+    cfg = resolved.cfg
+    return resolved.backbone.load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint).to(device)
 
 
 @torch.inference_mode()
-def decode_to_uint8(decoder, codes: torch.Tensor) -> np.ndarray:
+def decode_to_uint8(decoder: ImageDecoder, codes: torch.Tensor) -> np.ndarray:
     """codes [h, w] -> uint8 [H, W, 3]; one image per call so pixels never depend on batch mates."""
-    device = next(decoder.parameters()).device
-    return pixels_to_uint8(decoder.decode(codes[None].to(device)))[0]
+    return pixels_to_uint8(decoder.decode(codes[None]))[0]
+
+
+def condition_of(prompt: Prompt, encode_prompt: Callable[[str], list[int]]):
+    """What the stepper takes: a class id, or the prompt's token ids (the training ids of an MDS prompt)."""
+    if prompt.is_class:
+        return prompt.class_id
+    return prompt.prompt_ids if prompt.prompt_ids is not None else encode_prompt(prompt.text)
 
 
 def generate_missing(
-    sampler,
-    decoder,
+    sampler: Sampler,
+    decoder: ImageDecoder,
     encode_prompt: Callable[[str], list[int]],
     samples: list[SampleSpec],
     chunks: list[range],
@@ -172,7 +282,7 @@ def generate_missing(
 ) -> tuple[int, int]:
     """Generate and write the samples of ``chunks`` whose PNG is missing; returns (generated, reused)."""
     generated = reused = 0
-    prompt_ids: dict[int, list[int]] = {}
+    conditions: dict[int, object] = {}
     total = sum(len(c) for c in chunks)
     bar = tqdm(total=total, disable=not (progress and distributed.is_rank0()), desc="generate", dynamic_ncols=True)
     for chunk in chunks:
@@ -181,13 +291,12 @@ def generate_missing(
         reused += len(specs) - len(todo)
         if todo:
             for s in specs:
-                if s.prompt.index not in prompt_ids:
-                    ids = s.prompt.prompt_ids if s.prompt.prompt_ids is not None else encode_prompt(s.prompt.text)
-                    prompt_ids[s.prompt.index] = ids
+                if s.prompt.index not in conditions:
+                    conditions[s.prompt.index] = condition_of(s.prompt, encode_prompt)
             # Pad to the longest prompt of the whole chunk, not only of the missing rows, so a
             # resumed batch has the shapes of the original one.
-            pad_to = max(sampler.prefix_length(prompt_ids[s.prompt.index]) for s in specs)
-            batch = sampler.generate([prompt_ids[s.prompt.index] for s in todo], [s.seed for s in todo], pad_to=pad_to)
+            pad_to = max(sampler.prefix_length(conditions[s.prompt.index]) for s in specs)
+            batch = sampler.generate([conditions[s.prompt.index] for s in todo], [s.seed for s in todo], pad_to=pad_to)
             for spec, codes in zip(todo, batch.codes):
                 save_png(decode_to_uint8(decoder, codes), images_dir / spec.file_name)
             generated += len(todo)
@@ -196,76 +305,58 @@ def generate_missing(
     return generated, reused
 
 
-# ---- launch/generate.py -------------------------------------------------------------------------
-def generate_missing_images(cfg, samples: list[SampleSpec], chunks, images_dir: Path, device) -> tuple[int, int]:
-    """This rank's missing images: (generated, kept). Loads model and decoder only when one is missing.
-
-    ``cfg`` is a GenerateConfig or an EvalConfig (model, precision, tokenizer, vqgan_*, sampling,
-    progress_bar); the model is freed before returning, so evaluation can use the memory next.
-    """
-    if all((images_dir / samples[k].file_name).is_file() for chunk in chunks for k in chunk):
-        return 0, sum(len(chunk) for chunk in chunks)
-    model = load_for_generation(cfg.model, compute_dtype(cfg.precision, device), device, cfg.tokenizer)
-    decoder = load_decoder(cfg.vqgan_config, cfg.vqgan_checkpoint, device)
-    sampler = ImageSampler(model.backbone, model.vocab, cfg.sampling)
-    counts = generate_missing(sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar)
-    del model, sampler, decoder
+def release_memory() -> None:
+    """Free what generation held before the next stage (feature extraction) needs the device."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def generate_missing_images(resolved: ResolvedGeneration, samples: list[SampleSpec], chunks, images_dir: Path,
+                            device) -> tuple[int, int]:
+    """This rank's missing images: (generated, kept). Loads model and decoder only when one is missing; the
+    model is freed before returning, so evaluation can use the memory next."""
+    if all((images_dir / samples[k].file_name).is_file() for chunk in chunks for k in chunk):
+        return 0, sum(len(chunk) for chunk in chunks)
+    cfg = resolved.cfg
+    model = load_for_generation(resolved.ref, compute_dtype(cfg.precision, device), device, cfg.tokenizer)
+    decoder = load_decoder(resolved, device)
+    sampler = Sampler(model.backbone, model.module, model.vocab, cfg.sampling, resolved.grid)
+    counts = generate_missing(sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar)
+    del model, sampler, decoder
+    release_memory()
     return counts
 
 
-@dataclass
-class GenerateConfig:
-    model: str = ""  # trainer checkpoint (run dir / checkpoints / step dir) or HF model directory
-    tokenizer: str = ""  # prompt tokenizer JSON; default: the model's
-    vqgan_config: str = ""  # Chameleon vqgan.yaml
-    vqgan_checkpoint: str = ""  # Chameleon vqgan.ckpt
-    prompts: str = ""  # .txt (one per line), conversation .json or MDS directory
-    prompt_texts: list[str] = field(default_factory=list)  # prompts given directly (used when prompts is empty)
-    num_prompts: int = 0  # first n prompts; 0 = all
-    samples_per_prompt: int = 1
-    batch_size: int = 8
-    output_dir: str = "runs/generate"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    progress_bar: bool = True
-
-    def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("model=<trainer checkpoint or HF model dir> is required")
-        if bool(self.prompts) == bool(self.prompt_texts):
-            raise ConfigError("give exactly one of prompts=<file or MDS dir> and prompt_texts=[...] (or --prompt)")
-        if not self.vqgan_config or not self.vqgan_checkpoint:
-            raise ConfigError(
-                f"vqgan_config=<vqgan.yaml> and vqgan_checkpoint=<vqgan.ckpt> are required (the image decoder): "
-                f"{self.model} has no data record ({RUN_DATA_FILE}) that names the VQGAN its data was tokenised with"
-            )
-        if self.samples_per_prompt < 1 or self.batch_size < 1 or self.num_prompts < 0:
-            raise ConfigError("samples_per_prompt and batch_size must be >= 1, num_prompts >= 0")
-        self.sampling.validate()
+def check_decoder_files(resolved: ResolvedGeneration) -> None:
+    """The image tokenizer is known (or generation would fail after the model is loaded)."""
+    cfg = resolved.cfg
+    if not cfg.vqgan_checkpoint:
+        raise ConfigError(
+            f"vqgan_checkpoint= (and vqgan_config=) is required: the decoder of the image codes; {cfg.model} has no "
+            f"data record ({RUN_DATA_FILE}) that names the image tokenizer its data was tokenised with"
+        )
+    for key in ("vqgan_config", "vqgan_checkpoint"):
+        path = getattr(cfg, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key}={path} does not exist")
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Write the PNGs (and ``samples.jsonl``); returns a summary (on every rank)."""
-    cfg.sampling.validate()
-    apply_run_data(cfg)
-    cfg.validate()
+    resolved = resolve_generation(cfg)
+    check_decoder_files(resolved)
     device = init_process_group()
-    out_dir = Path(cfg.output_dir)
+    out_dir = Path(resolved.cfg.output_dir)
     images_dir = out_dir / "images"
-    if cfg.prompts:
-        prompt_set = load_prompts(cfg.prompts, load_vocab(cfg.model), cfg.num_prompts)
-    else:
-        prompt_set = prompts_from_texts(cfg.prompt_texts)
-    samples = build_samples(prompt_set, cfg.samples_per_prompt, cfg.sampling.seed)
-    prepare_output_dir(cfg, samples, out_dir)
-    chunks = my_chunks(len(samples), cfg.batch_size)
-    generated, reused = generate_missing_images(cfg, samples, chunks, images_dir, device)
+    samples = build_samples(prompt_set_of(resolved), resolved.cfg.samples_per_prompt, resolved.cfg.sampling.seed)
+    prepare_output_dir(resolved, samples, out_dir)
+    chunks = my_chunks(len(samples), resolved.cfg.batch_size)
+    generated, reused = generate_missing_images(resolved, samples, chunks, images_dir, device)
     distributed.barrier()
     generated, reused = sum_over_ranks([generated, reused])
     if distributed.is_rank0():
-        height, width = cfg.sampling.pixel_size()
-        print(f"generated {generated} image(s) of {height}x{width} px, kept {reused} existing, in {images_dir}", flush=True)
+        sampling = resolved.cfg.sampling
+        print(f"generated {generated} image(s) of {sampling.height}x{sampling.width} px, kept {reused} existing, "
+              f"in {images_dir}", flush=True)
     return {"generated": generated, "reused": reused, "images_dir": str(images_dir), "num_samples": len(samples)}

@@ -1,19 +1,23 @@
-"""Sampling settings and the per-step logit operations of image generation.
+"""Sampling settings and the per-step logit operations of image generation, for every backbone.
 
-The pipeline for one step follows Lumina-mGPT's logits processors (``inference_solver.py``), in the
-order Hugging Face ``generate`` applies them there (custom processors first, temperature last):
+One step (the order of Lumina-mGPT's logits processors and of LlamaGen's ``generate.py``):
 
-    logits [B, V] (fp32) -> classifier-free guidance -> structure mask -> top-k -> temperature -> draw
+    logits [B, V] (fp32) -> classifier-free guidance -> allowed tokens -> temperature -> top-k -> top-p -> draw
 
-- Guidance mixes the conditional and the unconditional logits as Lumina-mGPT does,
-  ``uncond + g * (cond - uncond)``, written as ``cond + (g - 1) * (cond - uncond)`` so that g = 1
-  returns the conditional logits bit for bit.
-- Image code positions keep only image code tokens (``<racm3:break>`` .. ``<eoss>``); row ends and
-  ``<eoss>`` are forced by the sampler and never drawn.
-- Top-k is ``image_top_k`` inside an image and ``text_top_k`` elsewhere.
-- Draws use inverse-CDF sampling with one uniform number per sample and step taken from that
-  sample's own ``torch.Generator``: a sample's tokens depend on its seed only, not on the batch it
-  was generated in, the number of ranks or the device.
+- Guidance mixes the conditional and the unconditional logits, ``uncond + g * (cond - uncond)``, written as
+  ``cond + (g - 1) * (cond - uncond)`` so that g = 1 returns the conditional logits bit for bit.
+  ``guidance_interval = n >= 0`` guides only the first n + 2 codes (LlamaGen's ``cfg_interval`` counting: the
+  prefill code, then decode steps 0..n); -1 guides every code.
+- Code positions keep only the tokens the backbone allows there (Chameleon: image code tokens; LlamaGen: the
+  whole codebook); structure tokens (row ends, end of image) are forced by the backbone and never drawn.
+- Top-k is ``image_top_k`` inside an image (0 = every code) and ``text_top_k`` for text after it; top-p (nucleus)
+  as Hugging Face's ``top_k_top_p_filtering``, which LlamaGen samples with.
+- Draws use inverse-CDF sampling with one uniform number per sample and step taken from that sample's own
+  ``torch.Generator``: a sample's tokens depend on its seed only, not on the batch it was generated in, the
+  number of ranks or the device.
+
+Settings left at ``None`` take the backbone's defaults (``Backbone.sampling_defaults``): ARRA's cfg 4.0 and image
+top-k 2000 for the Chameleon family, the paper's ARRA-Base FID setting (cfg 2.0, no top-k) for LlamaGen.
 """
 
 from __future__ import annotations
@@ -24,48 +28,47 @@ import numpy as np
 import torch
 
 from arra_ds.errors import ConfigError
-from arra_ds.tokens.layout import GRID_CELL_PX, is_valid_pixel_size
 
-
-DEFAULT_IMAGE_SIZE = 512  # ARRA's and Lumina-mGPT's sampling size, for models whose trained size is unknown
+NO_GUIDANCE_INTERVAL = -1  # guide every code
 
 
 @dataclass
 class SamplingConfig:
-    """Defaults are ARRA's (``inference_vision.py``: cfg 4.0, image top-k 2000, temperature 1.0) and
-    Lumina-mGPT's text top-k 10. The size defaults to the size the model was trained at (its run's
-    data record; generation and evaluation fill it in), else ARRA's 512 x 512."""
-
-    guidance_scale: float = 4.0  # 1.0 disables classifier-free guidance (no unconditional branch)
-    image_top_k: int = 2000
-    text_top_k: int = 10
+    # classifier-free guidance: uncond + g * (cond - uncond)
+    guidance_scale: float | None = None  # 1.0 = none; None = the backbone's (Chameleon family 4.0 as ARRA, LlamaGen 2.0)
+    guidance_interval: int = NO_GUIDANCE_INTERVAL  # -1: guide every code; n >= 0: only the first n + 2 codes
+    image_top_k: int | None = None  # top-k over the codes; 0 = all; None = the backbone's (ARRA 2000, LlamaGen 0)
+    text_top_k: int = 10  # top-k of text sampled after the image (Lumina-mGPT's)
+    top_p: float = 1.0  # nucleus filter on the codes; 1.0 = none
     temperature: float = 1.0  # 0 = greedy
-    height: int = 0  # pixels, a multiple of 32 (one grid token each); 0 = the trained size (else 512)
+    height: int = 0  # pixels; 0 = the size the model was trained at (else the backbone's own)
     width: int = 0
     seed: int = 0  # base seed; sample k draws from seed_for_sample(seed, k)
-    max_text_tokens: int = 0  # text sampled after <eoss> (text top-k, no guidance), until end of turn
+    max_text_tokens: int = 0  # text sampled after the image (text top-k, no guidance), until end of turn
 
     def validate(self) -> None:
-        if self.guidance_scale <= 0:
+        if self.guidance_scale is not None and self.guidance_scale <= 0:
             raise ConfigError(f"sampling.guidance_scale={self.guidance_scale} must be > 0 (1.0 = no guidance)")
-        if self.image_top_k < 1 or self.text_top_k < 1:
+        if self.guidance_interval < NO_GUIDANCE_INTERVAL:
+            raise ConfigError(f"sampling.guidance_interval={self.guidance_interval} must be >= -1 (-1 = guide every code)")
+        if (self.image_top_k is not None and self.image_top_k < 0) or self.text_top_k < 1:
             raise ConfigError(
-                f"sampling.image_top_k={self.image_top_k} and sampling.text_top_k={self.text_top_k} must be >= 1"
+                f"sampling.image_top_k={self.image_top_k} must be >= 0 (0 = every code) and "
+                f"sampling.text_top_k={self.text_top_k} >= 1"
             )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
         if self.temperature < 0:
             raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
-        for key, value in (("height", self.height), ("width", self.width)):
-            if value and not is_valid_pixel_size(value):
-                raise ConfigError(
-                    f"sampling.{key}={value} must be a positive multiple of {GRID_CELL_PX} "
-                    f"(one grid token = {GRID_CELL_PX} px), e.g. 512, or 0 (the size the model was trained at)"
-                )
+        if self.height < 0 or self.width < 0:
+            raise ConfigError(f"sampling.height / width = {self.height} / {self.width} must be >= 0 (0 = the trained size)")
         if self.max_text_tokens < 0:
             raise ConfigError(f"sampling.max_text_tokens={self.max_text_tokens} must be >= 0")
 
-    def pixel_size(self) -> tuple[int, int]:
-        """(height, width) in pixels; a size left at 0 is ``DEFAULT_IMAGE_SIZE``."""
-        return self.height or DEFAULT_IMAGE_SIZE, self.width or DEFAULT_IMAGE_SIZE
+    def with_defaults(self, defaults: dict) -> "SamplingConfig":
+        """A copy whose ``None`` fields take ``defaults`` (a backbone's ``sampling_defaults``)."""
+        missing = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        return replace(self, **missing)
 
     def with_default_size(self, height: int, width: int) -> "SamplingConfig":
         """A copy whose sizes left at 0 are ``height`` / ``width`` (e.g. the trained size)."""
@@ -73,7 +76,13 @@ class SamplingConfig:
 
     @property
     def uses_guidance(self) -> bool:
-        return self.guidance_scale != 1.0
+        return self.guidance_scale is not None and self.guidance_scale != 1.0
+
+    def guides(self, code_index: int) -> bool:
+        """Is code number ``code_index`` (0-based, in drawing order) drawn from guided logits?"""
+        return self.uses_guidance and (
+            self.guidance_interval == NO_GUIDANCE_INTERVAL or code_index <= self.guidance_interval + 1
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -138,3 +147,21 @@ def restrict_to_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def draw_codes(
+    logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits [B, V] -> codes [B]: allowed tokens, temperature, top-k, top-p (on the tempered logits, as LlamaGen),
+    inverse CDF; greedy (the arg max of the allowed tokens) at temperature 0. ``cfg`` is resolved (no None)."""
+    if allowed is not None:
+        logits = restrict_to(logits, allowed)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    tempered = logits.float() / cfg.temperature
+    top_k = cfg.image_top_k or logits.shape[-1]
+    if cfg.top_p < 1.0:
+        values, indices = tempered.topk(min(top_k, tempered.shape[-1]), dim=-1)
+        tempered = torch.full_like(tempered, float("-inf")).scatter(-1, indices, values)
+        tempered = restrict_to_top_p(tempered, cfg.top_p)
+    return sample_top_k(tempered, top_k, 1.0, uniforms)

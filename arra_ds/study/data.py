@@ -23,7 +23,7 @@ from arra_ds.demo.dataset import check_captions_in_vocabulary
 from arra_ds.demo.models import build_demo_vqgan, centre_feature_projection
 from arra_ds.demo.scenes import SceneAttributes, draw_scene, random_scene
 from arra_ds.generate.images import save_png
-from arra_ds.generate.pipeline import decode_to_uint8, load_decoder
+from arra_ds.generate.pipeline import decode_to_uint8
 from arra_ds.generate.prompts import load_prompts
 from arra_ds.io import atomic_write, atomic_write_json
 from arra_ds.study.clip import train_clip
@@ -31,6 +31,7 @@ from arra_ds.study.config import StudyConfig
 from arra_ds.study.paths import StudyPaths
 from arra_ds.tokens.layout import IMAGE_PLACEHOLDER
 from arra_ds.tokens.vocab import ChameleonVocab, build_debug_tokenizer
+from arra_ds.tokens.vqgan import VQGAN
 
 SPLITS = ("train", "heldout")
 RANDOM_ENCODER = "randclip"  # the column of the random-init control encoder (not a foundation model)
@@ -162,7 +163,7 @@ def write_heldout_prompts(cfg: StudyConfig, paths: StudyPaths) -> None:
     if paths.heldout_prompts.is_file() and paths.eval_prompts_text.is_file():
         return
     prompt_set = load_prompts(paths.mds("heldout"), study_vocab(cfg))
-    decoder = load_decoder(str(paths.vqgan_yaml), str(paths.vqgan_ckpt), "cpu")
+    decoder = VQGAN.from_original(paths.vqgan_yaml, paths.vqgan_ckpt).eval()
     paths.heldout_recon.mkdir(parents=True, exist_ok=True)
     items = []
     for prompt in tqdm(prompt_set.prompts, desc="held-out: decode", disable=not cfg.progress_bar, dynamic_ncols=True):

@@ -29,7 +29,6 @@ from arra_ds.eval.fid import load_stats
 from arra_ds.eval.reference import ReferenceStatsConfig, write_reference_stats
 from arra_ds.eval.summary import fid_score
 from arra_ds.generate.images import list_images, load_rgb, save_png, to_chw_batch
-from arra_ds.generate.pipeline import load_decoder
 from arra_ds.generate.prompts import load_prompts
 from arra_ds.io import atomic_write_json
 from arra_ds.study.clip import retrieval_accuracy
@@ -88,7 +87,7 @@ def prepare_instruments(cfg: StudyConfig, paths: StudyPaths, data_summary: dict)
     if paths.setup.is_file():
         return json.loads(paths.setup.read_text())
     records = read_scene_records(paths)
-    decoder = load_decoder(str(paths.vqgan_yaml), str(paths.vqgan_ckpt), "cpu")
+    decoder = VQGAN.from_original(paths.vqgan_yaml, paths.vqgan_ckpt).eval()
     painter = CodePainter.from_decoder(decoder, cfg.scenes.num_image_codes)
     train = load_prompts(paths.mds("train"), study_vocab(cfg)).prompts
     codes = torch.from_numpy(np.stack([p.real_codes for p in train]).astype(np.int64))  # [N, h, w]

@@ -21,11 +21,12 @@ from typing import Sequence
 
 import torch
 
-from arra_ds.tokens.vocab import REP_TOKEN, ChameleonVocab
+# tokens_to_image and CODES_PER_GRID_CELL live with the vocabulary (ChameleonVocab.split_sample reads a sample with
+# them); import them from arra_ds.tokens.vocab.
+from arra_ds.tokens.vocab import CODES_PER_GRID_CELL, REP_TOKEN, ChameleonVocab
 
 IGNORE_INDEX = -100  # label of tokens that are not trained (the prompt, padding)
 CODE_PATCH_PX = 16  # pixels per VQ code side (the Chameleon VQGAN's downsampling factor)
-CODES_PER_GRID_CELL = 2  # codes per side of one grid-token cell
 GRID_CELL_PX = CODE_PATCH_PX * CODES_PER_GRID_CELL  # 32: pixels per side of one grid-token cell
 IMAGE_PLACEHOLDER = "<|image|>"  # marks where an image goes in the conversation JSON
 
@@ -41,9 +42,12 @@ class ImageGrid:
     code_width: int
 
     def __post_init__(self) -> None:
-        if min(self.code_height, self.code_width) < CODES_PER_GRID_CELL or (
-            self.code_height % CODES_PER_GRID_CELL or self.code_width % CODES_PER_GRID_CELL
-        ):
+        if min(self.code_height, self.code_width) < 1:
+            raise ValueError(f"code grid {self.code_height}x{self.code_width} must have at least one code per side")
+
+    def check_grid_cells(self) -> None:
+        """The Chameleon layout counts the grid in cells of 2 x 2 codes (its grid tokens): raise unless it fits."""
+        if self.code_height % CODES_PER_GRID_CELL or self.code_width % CODES_PER_GRID_CELL:
             raise ValueError(
                 f"code grid {self.code_height}x{self.code_width} must be a positive multiple of "
                 f"{CODES_PER_GRID_CELL} per side ({GRID_CELL_PX}-px cells of {CODE_PATCH_PX}-px codes)"
@@ -72,6 +76,7 @@ class ImageGrid:
         return self.code_height * (self.code_width + 1) + 1
 
     def prefix(self, vocab: ChameleonVocab) -> list[int]:
+        self.check_grid_cells()
         return [
             vocab.image_start_id,
             vocab.grid_token_id(self.code_height // CODES_PER_GRID_CELL),
@@ -105,26 +110,6 @@ def image_to_tokens(codes: torch.Tensor, vocab: ChameleonVocab) -> list[int]:
     row_end = torch.full((grid.code_height, 1), vocab.row_end_id, dtype=torch.long)
     body = torch.cat([bpe, row_end], dim=1).flatten().tolist()
     return [*grid.prefix(vocab), *body, vocab.image_end_id]
-
-
-def tokens_to_image(tokens: list[int] | torch.Tensor, vocab: ChameleonVocab) -> torch.Tensor:
-    """Inverse of ``image_to_tokens``: the image part (start .. end) -> codes [h, w]."""
-    tokens = [int(t) for t in tokens]
-    if tokens and tokens[0] == vocab.image_start_id:
-        tokens = tokens[1:]
-    if tokens and tokens[-1] == vocab.image_end_id:
-        tokens = tokens[:-1]
-    if len(tokens) < 2:
-        raise ValueError("image part too short: expected grid tokens after <racm3:break>")
-    h = vocab.grid_count(tokens[0]) * CODES_PER_GRID_CELL
-    w = vocab.grid_count(tokens[1]) * CODES_PER_GRID_CELL
-    body = torch.tensor(tokens[2:], dtype=torch.long)
-    if body.numel() != h * (w + 1):
-        raise ValueError(f"image part has {body.numel()} body tokens, expected {h} rows of {w} codes + row end")
-    rows = body.view(h, w + 1)
-    if not bool((rows[:, -1] == vocab.row_end_id).all()):
-        raise ValueError("image rows must each end with the row-end token <reserved08799>")
-    return vocab.tokens_to_codes(rows[:, :-1])
 
 
 def image_grid_of_sample(tokens: Sequence[int], vocab: ChameleonVocab) -> ImageGrid:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from arra_ds.errors import ConfigError, InputNotFoundError, UserError
-# the taming-transformers blocks, as the Chameleon VQGAN has them (same parameter names, same op order)
-from arra_ds.tokens.vqgan import NORM_GROUPS, AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
+from arra_ds.tokens.taming import NORM_GROUPS, AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
+from arra_ds.weights import describe_keys, load_strict
 
 CONFIG_KEY_PREFIX = "tokens.llamagen_vq"
 
@@ -43,7 +43,6 @@ CODEBOOK_USAGE_SLOTS = 65536
 CODE_SEARCH_ROWS_PER_CHUNK = 4096
 # The checkpoint key upstream's vq_train.py saves the model weights under (sample_c2i.py reads it).
 CHECKPOINT_WEIGHTS_KEY = "model"
-KEYS_SHOWN_IN_ERRORS = 8
 
 
 class LlamaGenVQCheckpointError(UserError, ValueError):
@@ -285,29 +284,18 @@ class LlamaGenVQ(nn.Module):
             raise ValueError(f"codes must lie in [0, {size}), got [{codes.min().item()}, {codes.max().item()}]")
         return self.decoder(self.post_quant_conv(self.quantize.lookup(codes)))
 
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``decode_codes``, under the name every image decoder has (``model/interface.py`` ImageDecoder)."""
+        return self.decode_codes(codes)
+
     # ---- loading --------------------------------------------------------------------------------
     def load_upstream_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:
         """Strict load of upstream-named tensors; LlamaGenVQCheckpointError names missing / extra / mis-shaped keys."""
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise LlamaGenVQCheckpointError(
-                f"{source} does not match the LlamaGen VQ tokenizer of this config: {len(missing)} missing keys "
-                f"{missing[:KEYS_SHOWN_IN_ERRORS]}, {len(unexpected)} unexpected keys {unexpected[:KEYS_SHOWN_IN_ERRORS]}. "
-                f"Use upstream's VQ-16 checkpoint (vq_ds16_c2i.pt) or set {CONFIG_KEY_PREFIX}.* to the model it was trained with"
-            )
-        mis_shaped = [
-            f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
-            for key, value in expected.items()
-            if state[key].shape != value.shape
-        ]
-        if mis_shaped:
-            raise LlamaGenVQCheckpointError(
-                f"{source}: tensor shapes differ from the configured tokenizer: {mis_shaped[:KEYS_SHOWN_IN_ERRORS]}. "
-                f"Set {CONFIG_KEY_PREFIX}.codebook_size / codebook_embed_dim / base_channels / *_ch_mult to the checkpoint's"
-            )
-        self.load_state_dict(state, strict=True)
+        load_strict(
+            self, state, source=source, what="the LlamaGen VQ tokenizer of this config", error=LlamaGenVQCheckpointError,
+            hint=f"Use upstream's VQ-16 checkpoint (vq_ds16_c2i.pt) or set {CONFIG_KEY_PREFIX}.* (codebook_size, "
+            "codebook_embed_dim, base_channels, *_ch_mult) to the model it was trained with",
+        )
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: LlamaGenVQConfig | None = None) -> LlamaGenVQ:
@@ -331,7 +319,7 @@ class LlamaGenVQ(nn.Module):
         not_tensors = sorted(key for key, value in state.items() if not isinstance(value, torch.Tensor))
         if not_tensors:
             raise LlamaGenVQCheckpointError(
-                f"{path}: entries {not_tensors[:KEYS_SHOWN_IN_ERRORS]} are not tensors; expected the tokenizer weights "
+                f"{path}: entries {describe_keys(not_tensors)} are not tensors; expected the tokenizer weights "
                 f"under {CHECKPOINT_WEIGHTS_KEY!r} (as upstream vq_train.py saves them) or at the top level"
             )
         model = cls(config)

@@ -43,6 +43,7 @@ END_OF_TURN = "<reserved08706>"
 REP_TOKEN = "<reserved08795>"
 IMAGE_CODE_PREFIX = "IMGIMG"
 GRID_TOKEN_BASE = 8800
+CODES_PER_GRID_CELL = 2  # codes per side of one grid-token cell (a 32-px cell of 16-px codes)
 DEBUG_MAX_GRID = 32  # grid-size tokens of the debug vocabulary: images up to 32 cells (1024 px) per side
 
 
@@ -63,6 +64,23 @@ def image_code_from_token_name(name: str) -> int:
 
 class VocabError(UserError, ValueError):
     """A vocabulary that lacks what Chameleon's layout needs (special tokens, image codes)."""
+
+
+def read_tokenizer_vocab(path: str | Path) -> dict[str, int]:
+    """Token name -> id of a ``tokenizers`` JSON file, added (special) tokens included."""
+    data = json.loads(Path(path).read_text())
+    vocab = dict(data["model"]["vocab"])
+    for added in data.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    return vocab
+
+
+def token_id(token_to_id: Mapping[str, int], name: str, source: str) -> int:
+    """The id of token ``name``; VocabError naming the vocabulary's ``source`` if it has none."""
+    try:
+        return token_to_id[name]
+    except KeyError:
+        raise VocabError(f"token {name!r} is not in the vocabulary from {source}") from None
 
 
 @dataclass
@@ -93,12 +111,7 @@ class ChameleonVocab:
     @classmethod
     def from_tokenizer_file(cls, path: str | Path) -> "ChameleonVocab":
         """Read a ``tokenizers`` JSON (Chameleon's ``text_tokenizer.json``), added tokens included."""
-        path = Path(path)
-        data = json.loads(path.read_text())
-        vocab = dict(data["model"]["vocab"])
-        for added in data.get("added_tokens", []):
-            vocab[added["content"]] = added["id"]
-        return cls(vocab, source=str(path))
+        return cls(read_tokenizer_vocab(path), source=str(path))
 
     @classmethod
     def from_model_config(cls, config) -> "ChameleonVocab":
@@ -109,10 +122,7 @@ class ChameleonVocab:
 
     # ---- special ids --------------------------------------------------------------------------
     def id(self, name: str) -> int:
-        try:
-            return self.token_to_id[name]
-        except KeyError:
-            raise VocabError(f"token {name!r} is not in the vocabulary from {self.source}") from None
+        return token_id(self.token_to_id, name, self.source)
 
     @property
     def bos_id(self) -> int:
@@ -217,6 +227,40 @@ class ChameleonVocab:
         if (codes < 0).any():
             raise VocabError("tokens_to_codes got ids that are not image code tokens")
         return codes
+
+    # ---- a pre-tokenised sample ----------------------------------------------------------------
+    def split_sample(self, tokens: Sequence[int], prompt_len: int) -> tuple[list[int], torch.Tensor]:
+        """(prompt ids without the <s> ... <eot> frame, the image's codes [h, w]) of a pre-tokenised text-to-image
+        sample in Lumina-mGPT's layout (``tokens/layout.py``); ValueError (or IndexError) if it is not one.
+
+        Every text vocabulary has this method: it is how generation and evaluation read MDS prompts whatever the
+        backbone's layout (``tokens/janus.py`` for Janus-Pro's)."""
+        tokens = [int(t) for t in tokens]
+        if tokens[0] != self.bos_id or tokens[prompt_len - 1] != self.end_of_turn_id:
+            raise ValueError("prompt is not framed as <s> ... <eot>")
+        start = tokens.index(self.image_start_id, prompt_len)
+        end = tokens.index(self.image_end_id, start)
+        return tokens[1 : prompt_len - 1], tokens_to_image(tokens[start : end + 1], self)
+
+
+def tokens_to_image(tokens: list[int] | torch.Tensor, vocab: ChameleonVocab) -> torch.Tensor:
+    """Inverse of ``tokens/layout.py``'s ``image_to_tokens``: the image part (start .. end) -> codes [h, w]."""
+    tokens = [int(t) for t in tokens]
+    if tokens and tokens[0] == vocab.image_start_id:
+        tokens = tokens[1:]
+    if tokens and tokens[-1] == vocab.image_end_id:
+        tokens = tokens[:-1]
+    if len(tokens) < 2:
+        raise ValueError("image part too short: expected grid tokens after <racm3:break>")
+    h = vocab.grid_count(tokens[0]) * CODES_PER_GRID_CELL
+    w = vocab.grid_count(tokens[1]) * CODES_PER_GRID_CELL
+    body = torch.tensor(tokens[2:], dtype=torch.long)
+    if body.numel() != h * (w + 1):
+        raise ValueError(f"image part has {body.numel()} body tokens, expected {h} rows of {w} codes + row end")
+    rows = body.view(h, w + 1)
+    if not bool((rows[:, -1] == vocab.row_end_id).all()):
+        raise ValueError("image rows must each end with the row-end token <reserved08799>")
+    return vocab.tokens_to_codes(rows[:, :-1])
 
 
 # ------------------------------------------------------------------------------------------------

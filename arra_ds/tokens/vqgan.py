@@ -34,11 +34,11 @@ from safetensors import safe_open
 from torch import nn
 
 from arra_ds.errors import UserError
+from arra_ds.tokens.taming import NORM_GROUPS, Downsample, ResnetBlock, Upsample, attention_block, group_norm
+from arra_ds.weights import load_strict
 
 logger = logging.getLogger(__name__)
 
-NORM_GROUPS = 32  # taming's Normalize(): GroupNorm(32 groups, eps 1e-6); channel counts must divide by it
-NORM_EPS = 1e-6
 HF_VQ_PREFIX = "model.vqmodel."
 # Keys of a taming/Lightning VQGAN checkpoint that only training uses (LPIPS + patch discriminator).
 TRAINING_ONLY_PREFIXES = ("loss.",)
@@ -199,81 +199,6 @@ class VQGANConfig:
         return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Building blocks (taming-transformers layout; no timestep embedding: temb_channels = 0)
-# ------------------------------------------------------------------------------------------------
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=NORM_EPS, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
-        super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions (1x1-conv q, k, v, proj_out)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q = nn.Conv2d(channels, channels, kernel_size=1)
-        self.k = nn.Conv2d(channels, channels, kernel_size=1)
-        self.v = nn.Conv2d(channels, channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        normed = self.norm(x)
-        q = self.q(normed).reshape(b, c, h * w).transpose(1, 2)  # [B, hw, C]
-        k = self.k(normed).reshape(b, c, h * w)  # [B, C, hw]
-        v = self.v(normed).reshape(b, c, h * w)  # [B, C, hw]
-        # Same op order as the reference (bmm, scale, softmax) so codes match it bit for bit on CPU.
-        weights = torch.softmax(torch.bmm(q, k) * (c ** -0.5), dim=2)  # [B, hw(query), hw(key)]
-        out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-
-def _attention(channels: int, attn_type: str) -> nn.Module:
-    return AttnBlock(channels) if attn_type == "vanilla" else nn.Identity()
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int, with_conv: bool):
-        super().__init__()
-        # stride-2 3x3 conv with no padding after a (0, 1, 0, 1) pad: halves H and W exactly
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0) if with_conv else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv is None:
-            return F.avg_pool2d(x, kernel_size=2, stride=2)
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int, with_conv: bool):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1) if with_conv else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return x if self.conv is None else self.conv(x)
-
-
 class Encoder(nn.Module):
     """[B, in_channels, H, W] -> [B, z_channels (x2 if double_z), H/f, W/f]."""
 
@@ -291,14 +216,14 @@ class Encoder(nn.Module):
                 stage.block.append(ResnetBlock(channels, cfg.ch * mult, cfg.dropout))
                 channels = cfg.ch * mult
                 if resolution in cfg.attn_resolutions:
-                    stage.attn.append(_attention(channels, cfg.attn_type))
+                    stage.attn.append(attention_block(channels, cfg.attn_type))
             if level != len(cfg.ch_mult) - 1:
                 stage.downsample = Downsample(channels, cfg.resamp_with_conv)
                 resolution //= 2
             self.down.append(stage)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(channels, channels, cfg.dropout)
-        self.mid.attn_1 = _attention(channels, cfg.attn_type)
+        self.mid.attn_1 = attention_block(channels, cfg.attn_type)
         self.mid.block_2 = ResnetBlock(channels, channels, cfg.dropout)
         self.norm_out = group_norm(channels)
         out_channels = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
@@ -329,7 +254,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, channels, kernel_size=3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(channels, channels, cfg.dropout)
-        self.mid.attn_1 = _attention(channels, cfg.attn_type)
+        self.mid.attn_1 = attention_block(channels, cfg.attn_type)
         self.mid.block_2 = ResnetBlock(channels, channels, cfg.dropout)
         stages: list[nn.Module] = []
         for level in reversed(range(levels)):
@@ -339,7 +264,7 @@ class Decoder(nn.Module):
                 stage.block.append(ResnetBlock(channels, cfg.ch * cfg.ch_mult[level], cfg.dropout))
                 channels = cfg.ch * cfg.ch_mult[level]
                 if resolution in cfg.attn_resolutions:
-                    stage.attn.append(_attention(channels, cfg.attn_type))
+                    stage.attn.append(attention_block(channels, cfg.attn_type))
             if level != 0:
                 stage.upsample = Upsample(channels, cfg.resamp_with_conv)
                 resolution *= 2
@@ -535,22 +460,8 @@ class VQGAN(nn.Module):
 
     # ---- loading / saving --------------------------------------------------------------------
     def _load_strict(self, state: Mapping[str, torch.Tensor], source: str) -> None:
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise VQGANError(
-                f"{source} does not match the VQGAN built from its config: "
-                f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
-            )
-        wrong = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-            for k, v in state.items()
-            if tuple(v.shape) != tuple(expected[k].shape)
-        ]
-        if wrong:
-            raise VQGANError(f"{source}: shape mismatch (is the yaml the one of this checkpoint?) {wrong[:8]}")
-        self.load_state_dict(state, strict=True)
+        load_strict(self, state, source=source, what="the VQGAN built from its config", error=VQGANError,
+                    hint="Is the yaml the one of this checkpoint?")
         self.source = source
 
     @classmethod

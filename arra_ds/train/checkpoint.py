@@ -34,6 +34,7 @@ import torch
 
 from arra_ds import distributed
 from arra_ds.checkpoints import (
+    FORMAT_VERSION,
     LATEST,
     MANIFEST,
     PARTIAL_SUFFIX,
@@ -41,7 +42,6 @@ from arra_ds.checkpoints import (
     TRAINER_STATE,
     UNIVERSAL_DIR,
     CheckpointError,
-    FORMAT_VERSION,
     check_contents,
     committed,
     read_latest,
@@ -91,8 +91,8 @@ def read_trainer_state(ckpt_dir: Path) -> TrainerState:
     return state
 
 
-def keep_global_batch(train: TrainConfig, resumed: TrainerState | None, world: int) -> None:
-    """Fix ``train.global_batch_size`` for this start (then the run config records it).
+def resolve_global_batch(train: TrainConfig, resumed: TrainerState | None, world: int) -> int:
+    """``train.global_batch_size`` for this start (the resolved run config records it).
 
     0 means micro batch x ranks of the run's first start: a resumed run keeps its checkpoint's global
     batch whatever its own number of ranks (gradient accumulation fills the gap), so a job requeued on
@@ -104,21 +104,17 @@ def keep_global_batch(train: TrainConfig, resumed: TrainerState | None, world: i
                 f"train.global_batch_size={train.global_batch_size}: the global batch changes from "
                 f"{resumed.global_batch_size} (the checkpoint's) at step {resumed.step}"
             )
-        return
+        return train.global_batch_size
     if resumed is not None and resumed.global_batch_size:
-        train.global_batch_size = resumed.global_batch_size
-        if train.global_batch_size % (train.micro_batch_size * world):
+        if resumed.global_batch_size % (train.micro_batch_size * world):
             raise CheckpointError(
                 f"the checkpoint at step {resumed.step} trained with a global batch of {resumed.global_batch_size} "
                 f"samples, which is not a multiple of {world} ranks x train.micro_batch_size={train.micro_batch_size} = "
                 f"{world * train.micro_batch_size} samples per micro-step: pick a train.micro_batch_size that makes it "
                 "one, or set train.global_batch_size to change the global batch"
             )
-        return
-    train.global_batch_size = train.micro_batch_size * world
-
-
-# ---- RNG states (per rank) --------------------------------------------------------------------
+        return resumed.global_batch_size
+    return train.micro_batch_size * world
 
 
 def rng_state() -> dict:

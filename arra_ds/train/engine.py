@@ -27,10 +27,10 @@ from transformers.integrations import HfDeepSpeedConfig
 from arra_ds import distributed
 from arra_ds.errors import UserError
 from arra_ds.model.arra import AlignConfig, ARRAModel, ARRAOutput, build_model
-from arra_ds.model.backbone import ModelConfig, no_gather
-from arra_ds.model.interface import no_partitioning
-from arra_ds.train.run_config import TrainConfig
+from arra_ds.model.config import ModelConfig
+from arra_ds.model.interface import no_gather, no_partitioning
 from arra_ds.train.optim import OptimConfig, param_groups
+from arra_ds.train.run_config import TrainConfig
 
 AUTO = "auto"
 # ds_config["checkpoint"][LOAD_UNIVERSAL_KEY]: DeepSpeed's switch for loading a universal checkpoint.

@@ -1,125 +1,108 @@
-"""Export a training checkpoint as a plain Hugging Face Chameleon model directory.
+"""Export a training checkpoint in its backbone's released format (``Backbone.export``): a plain Hugging Face
+Chameleon directory for the Chameleon family, an upstream-layout ``c2i.pt`` for LlamaGen.
 
-ARRA's projector ``A_phi`` (``align_head.*``) exists only for training: the export keeps the
-backbone alone, as the paper does at inference, so the result is an ordinary
-``ChameleonForConditionalGeneration`` checkpoint (``config.json`` with the ``vocabulary_map``,
-safetensors shards, tokenizer files) that stock ``transformers`` loads with ``from_pretrained``.
-
-Parameter names: ``ARRAModel`` holds the backbone under ``backbone.``, whose names are exactly
-Hugging Face's (``model.embed_tokens.weight``, ``model.layers.N...``, ``lm_head.weight``), so the
-prefix is stripped and nothing is renamed. The VQ image tokenizer (``model.vqmodel.*``) is not
-trained; its weights are copied from the source checkpoint when it has them. The debug model's tiny
-``vqmodel`` exists only because every Chameleon has one: the export holds its seeded initial weights,
-so stock ``from_pretrained`` finds every tensor it expects and initialises (and warns about) none.
-(Chameleon-7B / Lumina-mGPT directories without VQ weights leave them to ``from_pretrained``.)
-Images are tokenised and decoded with the VQGAN the data was pre-tokenised with: the run's data
-record (``arra_data.json``, which names it) is copied into the export, so generation from the export
-needs no more arguments than generation from the run.
+ARRA's projector ``A_phi`` (``align_head.*``) exists only for training: the export keeps the backbone alone, as
+the paper does at inference. ``ARRAModel`` holds the backbone under ``backbone.``, whose names are the family's
+own, so the prefix is stripped and nothing is renamed. Tensors the run did not train but the format carries
+(Chameleon's VQ image tokenizer, ``model.vqmodel.*``) come from the run's assets (copied there at the start, or
+recorded there and read from the base checkpoint, which must still be the one the run saw; ``--base_model``
+points at a moved one). The run's data record (``arra_data.json``) and assets go along, so generation from the
+export needs no more arguments than generation from the run.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from transformers import ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedTokenizerFast
-from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+from safetensors.torch import load_file
 
-from arra_ds.checkpoints import RUN_DATA_FILE, CheckpointError, read_trained_backbone
-from arra_ds.model.backbone import ModelConfig, backbone_config
-from arra_ds.tokens.vocab import BOS, EOS, PAD, build_debug_tokenizer
-from arra_ds.tokens.vqgan import HF_VQ_PREFIX
+from arra_ds.checkpoints import (
+    ASSETS_DIR,
+    BASE_WEIGHTS_FILE,
+    RUN_DATA_FILE,
+    CheckpointError,
+    TrainedBackbone,
+    read_run_assets,
+    read_trained_backbone,
+    tensors_sha256,
+)
+from arra_ds.model.arra import resolved_lora
+from arra_ds.model.interface import ExportResult
+from arra_ds.model.trainable import TRAIN_ALL, adapter_state_dict, write_adapter
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-DEBUG_VQ_SEED = 0
-
-
-def debug_vq_weights(hf_config: ChameleonConfig) -> dict[str, torch.Tensor]:
-    """``model.vqmodel.*`` of the debug model: the tiny VQ of its config, initialised from a fixed seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(DEBUG_VQ_SEED)
-        vqmodel = ChameleonVQVAE(hf_config.vq_config)
-    return {f"{HF_VQ_PREFIX}{name}": tensor.detach().contiguous() for name, tensor in vqmodel.state_dict().items()}
+EXPORT_SUMMARY = "arra_export.json"
 
 
-def source_vq_weights(model_cfg: ModelConfig, hf_config: ChameleonConfig) -> dict[str, torch.Tensor]:
-    """``model.vqmodel.*`` tensors of the source checkpoint's safetensors files (empty if it has none)."""
-    if model_cfg.source == "debug":
-        return debug_vq_weights(hf_config)
-    tensors = {}
-    for path in sorted(Path(model_cfg.path).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                if name.startswith(HF_VQ_PREFIX):
-                    tensors[name] = f.get_tensor(name)
+def base_weights_of(trained: TrainedBackbone, base_model: str = "") -> dict[str, torch.Tensor]:
+    """The untrained base tensors the export carries: the run's copy, else the base checkpoint it recorded (checked:
+    the same tensors), else (runs without assets) the base checkpoint of the run config."""
+    model_cfg = trained.model_cfg
+    assets = read_run_assets(trained.ref.run_dir)
+    if assets is not None and (assets.model_dir / BASE_WEIGHTS_FILE).is_file():
+        return load_file(str(assets.model_dir / BASE_WEIGHTS_FILE))
+    entry = assets.external_file("base_weights") if assets is not None else None
+    if entry is None:
+        if assets is not None:
+            return {}  # the base has none (a Chameleon directory without VQ weights)
+        return model_cfg.backbone.base_weights(replace(model_cfg, path=base_model) if base_model else model_cfg)
+    where = Path(base_model or entry.path)
+    tensors = model_cfg.backbone.base_weights(replace(model_cfg, path=str(where))) if where.is_dir() else {}
+    if not tensors or tensors_sha256(tensors) != entry.sha256:
+        found = "is missing" if not where.is_dir() else "does not hold the same tensors"
+        raise CheckpointError(
+            f"{entry.what} {where} {found}: the run recorded {entry.path} (sha256 of its tensors {entry.sha256[:16]}...); "
+            f"pass {entry.key} <the base checkpoint directory's new path>"
+        )
     return tensors
 
 
-def _write_tokenizer(model_cfg: ModelConfig, out_dir: Path) -> list[str]:
-    if model_cfg.source == "debug":
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=build_debug_tokenizer(num_image_codes=model_cfg.debug.num_image_codes),
-            bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        )
-        tokenizer.save_pretrained(str(out_dir))
-        return ["tokenizer.json"]
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(model_cfg.path) / name).is_file():
-            shutil.copy2(Path(model_cfg.path) / name, out_dir / name)
-            copied.append(name)
-    return copied
+def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, base_model: str = "",
+              adapter_only: bool = False) -> dict:
+    """Write ``out_dir`` from a training checkpoint in its backbone's released format.
 
-
-def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> dict:
-    """Write ``out_dir`` as a Hugging Face Chameleon model from a training checkpoint.
-
-    ``checkpoint``: a run directory, its ``checkpoints`` directory or one ``step_<n>`` directory; only
-    the ``model`` section of the run's config.yaml is read (the training data need not be there).
-    ``dtype``: weights dtype in the export (None keeps the fp32 master weights).
+    ``checkpoint``: a run directory, its ``checkpoints`` directory or one ``step_<n>`` directory; only the ``model``
+    section of the run's config.yaml is read (the training data need not be there). ``dtype``: weights dtype in the
+    export (None keeps the fp32 master weights). ``base_model``: where the base checkpoint is now, if it moved.
+    A run that trained LoRA adapters (``model.trainable``) is exported with them merged into the base weights, or
+    (``adapter_only``) as the adapter alone in peft's format, for users who keep one base model.
     Returns a summary (also written to ``out_dir/arra_export.json``).
     """
-    trained = read_trained_backbone(checkpoint, dtype)
-    ref, model_cfg, backbone, dropped = trained.ref, trained.model_cfg, trained.state_dict, trained.dropped
-    hf_config = backbone_config(model_cfg)
-    vq = {k: (v.to(dtype) if dtype is not None else v) for k, v in source_vq_weights(model_cfg, hf_config).items()}
-    backbone.update(vq)
-
-    with torch.device("meta"):
-        skeleton = ChameleonForConditionalGeneration(hf_config)
-    expected = set(skeleton.state_dict())
-    missing = sorted(k for k in expected - set(backbone) if not k.startswith(HF_VQ_PREFIX))
-    unexpected = sorted(set(backbone) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {ref.path} does not match the Chameleon architecture of its run config: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-        )
-    if dtype is not None:
-        hf_config.torch_dtype = dtype
+    trained = read_trained_backbone(checkpoint, dtype, merge=not adapter_only)
+    ref, model_cfg = trained.ref, trained.model_cfg
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    skeleton.config = hf_config
-    skeleton.save_pretrained(str(out_dir), state_dict=backbone, safe_serialization=True, max_shard_size="5GB")
-    tokenizer_files = _write_tokenizer(model_cfg, out_dir)
+    if adapter_only:
+        if model_cfg.trainable == TRAIN_ALL:
+            raise CheckpointError(
+                f"{ref.path} trained every parameter (model.trainable=all): it has no adapter to write alone; "
+                "export the whole model (without --adapter_only)"
+            )
+        write_adapter(out_dir, trained.state_dict, resolved_lora(model_cfg), base_model=base_model or model_cfg.path)
+        files = sorted(p.name for p in out_dir.iterdir())
+        result = ExportResult(files=files, summary={
+            "format": "peft adapter (adapter_config.json + adapter_model.safetensors): "
+                      "peft.PeftModel.from_pretrained(<base model>, <this directory>)",
+            "parameters": int(sum(t.numel() for t in adapter_state_dict(trained.state_dict).values())),
+        })
+    else:
+        base = base_weights_of(trained, base_model)
+        result = model_cfg.backbone.export(model_cfg, trained.state_dict, base, out_dir, dtype)
     data_record = ref.run_dir / RUN_DATA_FILE
     if data_record.is_file():
         shutil.copy2(data_record, out_dir / RUN_DATA_FILE)
+    if (ref.run_dir / ASSETS_DIR).is_dir():
+        shutil.copytree(ref.run_dir / ASSETS_DIR, out_dir / ASSETS_DIR, dirs_exist_ok=True)
     summary = {
         "checkpoint": str(ref.path),
         "step": ref.step,
-        "parameters": int(sum(t.numel() for t in backbone.values())),
+        "source": model_cfg.source,
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
-        "dropped": dropped,
-        "vq_weights": (
-            "the debug model's tiny vqmodel (seeded initial weights)" if model_cfg.source == "debug"
-            else "copied from the source checkpoint" if vq else "not included (from_pretrained initialises them)"
-        ),
-        "tokenizer": tokenizer_files,
+        "dropped": trained.dropped,
+        **result.summary,
         "data_record": RUN_DATA_FILE if data_record.is_file() else None,
     }
-    (out_dir / "arra_export.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / EXPORT_SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary

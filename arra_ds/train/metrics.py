@@ -52,6 +52,8 @@ TENSORBOARD_NAMES = {
     "loss_gva": "loss/gva",
     "loss_z": "loss/z",
     "cos": "align/cos",
+    "cos_first": "align/cos_first",
+    "align_weight": "align/weight",
     "lr": "optim/lr",
     "grad_norm": "optim/grad_norm",
     "tokens_per_s": "perf/tokens_per_s",

@@ -178,19 +178,25 @@ def train_section(summary: dict) -> list[str]:
              f"median of {args['steps']} steps after {args['warmup']} warm-up steps; each mode in its own process. "
              "MFU/HFU against the datasheet's dense bf16 peak; the last column against the matmul rate measured in "
              "this run.", "",
-             "| mode | layers | tokens/s | step ms | fwd ms | bwd ms | opt ms | step ms / layer | peak GiB | MFU | HFU "
-             "| MFU vs measured matmul |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| mode | layers | tokens/s | step ms | fwd ms | bwd ms | opt ms | step ms / layer | peak GiB | planned GiB "
+             "| MFU | HFU | MFU vs measured matmul |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for mode, run in runs:
         r = run["results"][0]
         vs_measured = r["mfu"] * r["peak_flops"] / (measured * 1e12) if r.get("mfu") and measured else None
         lines.append(
             f"| {mode} | {r['layers']} | {r['tokens_per_s_per_rank']:.0f} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} | "
             f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['step_ms'] / r['layers']:.2f} | "
-            f"{_fmt(r.get('peak_mem_gib'), '.1f')} | {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('hfu'), '.1%')} | "
+            f"{_fmt(r.get('peak_mem_gib'), '.1f')} | {_fmt(r.get('planned_peak_gib'), '.1f')} | "
+            f"{_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('hfu'), '.1%')} | "
             f"{_fmt(vs_measured, '.1%')} |"
         )
     lines.append("")
     arra = dict(runs).get("arra", {}).get("results", [{}])[0]
+    if arra.get("peak_mem_gib") and arra.get("planned_peak_gib"):
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in arra.get("planned_parts_gib", {}).items())
+        lines += [f"Memory plan vs measured (ARRA on): `launch/plan.py`'s plan for this setting {arra['planned_peak_gib']:.1f} "
+                  f"GiB allocated ({parts}) vs measured peak {arra['peak_mem_gib']:.1f} GiB "
+                  f"(planned / measured {arra['planned_peak_gib'] / arra['peak_mem_gib']:.2f}).", ""]  # fmt: skip
     if arra.get("mfu") is not None:
         lines += [f"Goal MFU >= {GOAL_MFU:.0%} (ARRA on): {arra['mfu']:.1%}: {_met(arra['mfu'] >= GOAL_MFU)}."]
     ratio = train.get("arra_over_ar_step_time")
@@ -264,7 +270,8 @@ def render_short(summary: dict) -> str:
         if isinstance(train.get(mode), dict) and train[mode].get("results"):
             r = train[mode]["results"][0]
             lines.append(f"  train {mode} {r['layers']}L: {r['tokens_per_s_per_rank']:.0f} tok/s, step {r['step_ms']:.0f} ms"
-                         f", MFU {_fmt(r.get('mfu'), '.1%')}, peak {_fmt(r.get('peak_mem_gib'), '.1f')} GiB")  # fmt: skip
+                         f", MFU {_fmt(r.get('mfu'), '.1%')}, peak {_fmt(r.get('peak_mem_gib'), '.1f')} GiB"
+                         f" (planned {_fmt(r.get('planned_peak_gib'), '.1f')})")  # fmt: skip
     if train.get("arra_over_ar_step_time"):
         lines.append(f"  ARRA / AR step time: {train['arra_over_ar_step_time']:.4f}")
     if "generate" in results:

@@ -1,7 +1,8 @@
 """Settings of a pre-tokenization run and the names of the files it writes (see ``run.py``).
 
-``PretokenizeRunConfig`` holds what every run has; ``PretokenizeConfig`` (conversation JSON, text-to-image)
-and ``ImageFolderConfig`` (``imagefolder.py``, class-to-image) add what their input needs.
+``PretokenizeRunConfig`` holds what every run has; ``PretokenizeConfig`` (text-to-image: a conversation
+JSON, a caption table, image + caption pairs or WebDataset shards, see ``sources.py``) and
+``ImageFolderConfig`` (``imagefolder.py``, class-to-image) add what their input needs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from arra_ds.errors import ConfigError, UserError
 
 PART_DONE_FILE = "part.json"
 META_FILE = "pretokenize_meta.json"
+WILDCARDS = "*?[{"  # an input with these is a glob / brace list of WebDataset shards (sources.py expands it)
 REPORT_FILE = "report.json"
 
 
@@ -33,6 +35,10 @@ class PretokenizeRunConfig:
     # feature encoders: "preset[:aggregation][=local path]" (e.g. "biomedclip=/models/BiomedCLIP", see
     # arra_ds.data.features.PRESETS) or a full EncoderSpec mapping
     encoders: list[EncoderSpec | str] = field(default_factory=list)
+    # also write each encoder's patch features, column patch_<name> [P, D] fp16 (align.feature=patch): the
+    # picture the VQ codes cover, resized to the encoder's input; P * D values per sample (DINOv2-B at 224 px:
+    # 256 x 768, 384 KB)
+    patch_features: bool = False  # also write patch_<encoder> [P, D] per encoder (align.feature=patch)
     min_image_size: int = 64  # images whose shorter side is below this are skipped
     batch_size: int = 16  # images per VQ tokenizer / encoder forward pass
     num_workers: int = 4  # DataLoader workers per process (image decoding and preprocessing)
@@ -71,13 +77,37 @@ class PretokenizeRunConfig:
             "min_image_size": self.min_image_size,
             "items_per_part": self.items_per_part,
             "dtype": self.dtype,
+            # only when set: runs started before the key existed keep resuming
+            **({"patch_features": True} if self.patch_features else {}),
         }
+
+
+InputFormat = Literal["auto", "conversation", "table", "pairs", "webdataset"]
+
+
+@dataclass
+class TableConfig:
+    """The columns of a caption table (``input_format=table``: .jsonl, .csv, .tsv, .parquet or a JSON list)."""
+
+    image_column: str = "image"  # the image path; relative paths resolve against image_root, else the table's folder
+    text_column: str = "caption"  # the prompt text
+
+    def validate(self) -> None:
+        if not self.image_column or not self.text_column:
+            raise ConfigError("table.image_column and table.text_column must name the table's columns")
+        if self.image_column == self.text_column:
+            raise ConfigError(f"table.image_column and table.text_column are both {self.image_column!r}; name two columns")
 
 
 @dataclass
 class PretokenizeConfig(PretokenizeRunConfig):
-    """Text-to-image pre-tokenization: ``input`` is a conversation JSON (a list of items)."""
+    """Text-to-image pre-tokenization: ``input`` is a conversation JSON, a caption table, a folder of
+    image + caption pairs or WebDataset shards (``input_format``, see ``sources.py``)."""
 
+    # auto: .json -> conversation; .jsonl/.csv/.tsv/.parquet -> table; .tar, glob, brace list, folder of .tar -> webdataset;
+    # a folder of images + .txt -> pairs (sources.py)
+    input_format: InputFormat = "auto"  # conversation, table, pairs, webdataset, or auto: picked from the input
+    table: TableConfig = field(default_factory=TableConfig)  # input_format=table: which columns hold the image and the text
     tokenizer: str = ""  # Chameleon text_tokenizer.json (a `tokenizers` JSON)
     vqgan_yaml: str = ""  # original Chameleon tokenizer: vqgan.yaml + vqgan.ckpt ...
     vqgan_ckpt: str = ""
@@ -86,32 +116,38 @@ class PretokenizeConfig(PretokenizeRunConfig):
     # true: the assistant turn opens with <REP> (<reserved08795>), the data of the reference's `rep`
     # alignment ablation (train with align.target=rep); false: Lumina-mGPT's layout
     rep_token: bool = False
-    image_root: str = ""  # relative image paths are relative to this ("" = the JSON file's directory)
+    image_root: str = ""  # conversation / table: relative image paths are relative to this ("" = the input file's folder)
     max_seq_len: int = 0  # > 0: samples with more tokens are skipped
     channels_last: bool = False  # NHWC VQGAN convs: ~2x faster; codes may differ at exact distance ties
 
     def validate(self) -> None:
-        if not self.input or not Path(self.input).is_file():
-            raise ConfigError(f"input={self.input!r}: the conversation JSON file does not exist")
-        self.validate_run()
-        if not self.tokenizer or not Path(self.tokenizer).is_file():
-            raise ConfigError(f"tokenizer={self.tokenizer!r}: pass the local text_tokenizer.json of the checkpoint")
+        """Every setting of a real run (the input itself is checked by ``sources.resolve_input_format``)."""
+        self.validate_input()
         original = bool(self.vqgan_yaml or self.vqgan_ckpt)
         if original == bool(self.vqgan_hf):
             raise ConfigError("set either vqgan_yaml + vqgan_ckpt (original Chameleon tokenizer) or vqgan_hf (HF checkpoint dir)")
         if original and not (self.vqgan_yaml and self.vqgan_ckpt):
             raise ConfigError("vqgan_yaml and vqgan_ckpt go together (Chameleon's tokenizer/vqgan.yaml + vqgan.ckpt)")
+
+    def validate_input(self) -> None:
+        """What a dry run (``dryrun.py``) needs too: the input, text tokenizer and crop settings; no VQGAN."""
+        if not self.input:
+            raise ConfigError("input is empty: set the conversation JSON, caption table, image folder or shards to read")
+        if not any(c in self.input for c in WILDCARDS) and not Path(self.input).exists():  # a shard pattern: sources.py
+            raise ConfigError(f"input={self.input!r} does not exist")
+        self.validate_run()
+        if not self.tokenizer or not Path(self.tokenizer).is_file():
+            raise ConfigError(f"tokenizer={self.tokenizer!r}: pass the local text_tokenizer.json of the checkpoint")
+        self.table.validate()
         self.image.validate()
         if self.max_seq_len < 0:
             raise ConfigError("max_seq_len must be >= 0")
 
-    def content_key(self) -> dict:
-        """Settings that change the written samples; a resumed run must use the same ones."""
-        stat = Path(self.input).stat()
+    def content_key(self, input_identity: dict) -> dict:
+        """Settings that change the written samples; a resumed run must use the same ones.
+        ``input_identity``: which input, as ``sources.input_identity`` describes it (path, size, listing)."""
         return {
-            "input": str(Path(self.input).resolve()),
-            "input_size": stat.st_size,
-            "input_mtime_ns": stat.st_mtime_ns,
+            **input_identity,
             "tokenizer": str(Path(self.tokenizer).resolve()),
             "vqgan": [str(Path(p).resolve()) if p else "" for p in (self.vqgan_yaml, self.vqgan_ckpt, self.vqgan_hf)],
             "image": asdict(self.image),

@@ -40,18 +40,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from arra_ds.data.features import FeatureEncoder, load_encoder
-from arra_ds.data.images import pil_to_pixels, resize_and_center_crop, to_rgb
+from arra_ds.data.images import IMAGE_EXTENSIONS, pil_to_pixels, resize_and_center_crop, to_rgb
 from arra_ds.data.pretokenize.config import PretokenizeRunConfig
 from arra_ds.data.pretokenize.items import BadItem, open_image
 from arra_ds.data.pretokenize.task import PretokenizeTask
-from arra_ds.data.pretokenize.writer import stack
-from arra_ds.data.schema import CLASS_COLUMN, columns_for, feature_column
+from arra_ds.data.pretokenize.writer import encode_patches, patch_preprocessors, stack
+from arra_ds.data.schema import CLASS_COLUMN, columns_for, feature_column, patch_column
 from arra_ds.distributed import compute_dtype
 from arra_ds.errors import ConfigError
 from arra_ds.tokens.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
 
-# torchvision's ImageFolder extensions (IMG_EXTENSIONS), compared case-insensitively (ImageNet: .JPEG).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CROP_NAMES = {
     "center": ("center",),
     "center_flip": ("center", "flip"),
@@ -176,11 +174,13 @@ def crop_image(image: Image.Image, cfg: ImageFolderConfig) -> list[Image.Image]:
 class ImageFolderItems(Dataset):
     """(index, (relative path, class index)) -> a record with the crops' VQ and encoder inputs, or a bad-item record."""
 
-    def __init__(self, selected: list, cfg: ImageFolderConfig, classes: list[ClassInfo], encoder_preprocess: dict):
+    def __init__(self, selected: list, cfg: ImageFolderConfig, classes: list[ClassInfo], encoder_preprocess: dict,
+                 patch_preprocess: dict | None = None):
         self.selected = selected
         self.cfg = cfg
         self.classes = classes
         self.encoder_preprocess = encoder_preprocess
+        self.patch_preprocess = patch_preprocess or {}  # encoder name -> its patch_preprocess (patch_features=true)
         self.root = Path(cfg.input)
 
     def __len__(self) -> int:
@@ -196,6 +196,7 @@ class ImageFolderItems(Dataset):
                 caption=self.classes[class_index].name,
                 pixels=stack([pil_to_pixels(c) for c in crops]),  # [crops, 3, S, S] in [-1, 1]
                 encoder_pixels={name: stack([pre(c) for c in crops]) for name, pre in self.encoder_preprocess.items()},
+                patch_pixels={name: stack([pre(c) for c in crops]) for name, pre in self.patch_preprocess.items()},
             )
         except BadItem as e:
             record.update(reason=e.reason, detail=e.detail)
@@ -248,7 +249,7 @@ class ImageFolderTask(PretokenizeTask):
         return self.cfg.content_key(digest.hexdigest(), len(self.items()))
 
     def columns(self) -> dict[str, str]:
-        return columns_for([s.name for s in self.cfg.encoders], class_conditional=True)
+        return columns_for([s.name for s in self.cfg.encoders], class_conditional=True, patch_features=self.cfg.patch_features)
 
     def load_models(self, device: torch.device) -> ImageFolderModels:
         dtype = compute_dtype(self.cfg.dtype, device)
@@ -257,7 +258,8 @@ class ImageFolderTask(PretokenizeTask):
         return ImageFolderModels(vq, encoders)
 
     def item_dataset(self, selected, models: ImageFolderModels) -> ImageFolderItems:
-        return ImageFolderItems(selected, self.cfg, self.classes, {name: enc.preprocess for name, enc in models.encoders.items()})
+        return ImageFolderItems(selected, self.cfg, self.classes, {name: enc.preprocess for name, enc in models.encoders.items()},
+                                patch_preprocessors(self.cfg, models.encoders))  # fmt: skip
 
     def encode(self, records: list[dict], models: ImageFolderModels) -> list[list[dict] | BadItem]:
         num_crops = len(self.cfg.crop_names)
@@ -267,6 +269,7 @@ class ImageFolderTask(PretokenizeTask):
             name: encoder.encode(torch.cat([r["encoder_pixels"][name] for r in records])).numpy()  # [B * crops, D] fp16
             for name, encoder in models.encoders.items()
         }
+        patches = {name: values.numpy() for name, values in encode_patches(records, models.encoders, self.cfg.patch_features).items()}
         results: list[list[dict] | BadItem] = []
         for i, record in enumerate(records):
             samples = []
@@ -282,6 +285,8 @@ class ImageFolderTask(PretokenizeTask):
                 }
                 for name, values in features.items():
                     sample[feature_column(name)] = values[row]
+                for name, values in patches.items():
+                    sample[patch_column(name)] = values[row]  # [P, D]
                 samples.append(sample)
             results.append(samples)
         return results

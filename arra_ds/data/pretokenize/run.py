@@ -3,11 +3,11 @@
     cfg = PretokenizeConfig(input="train.json", out_dir="mds/train", tokenizer=".../text_tokenizer.json",
                             vqgan_yaml=".../vqgan.yaml", vqgan_ckpt=".../vqgan.ckpt",
                             encoders=[parse_encoder_arg("biomedclip=/models/biomedclip")])
-    summary = run_pretokenize(cfg)                      # conversation JSON -> text-to-image samples
+    summary = run_pretokenize(cfg)                      # any text-to-image input -> text-to-image samples
     summary = run_pretokenize_imagefolder(folder_cfg)   # ImageFolder tree -> class-to-image samples
 
-What is read and how a batch becomes samples is the task's (``task.py``: ``conversation.py``,
-``imagefolder.py``); this module runs any task. Output: ``out_dir/part-NNNNN/`` MDS directories
+What is read and how a batch becomes samples is the task's (``task.py``: ``conversation.py`` with the
+inputs of ``sources.py``, ``imagefolder.py``); this module runs any task. Output: ``out_dir/part-NNNNN/`` MDS directories
 (columns of ``arra_ds.data.schema``), one merged ``out_dir/index.json`` (streaming's ``merge_index``)
 and ``out_dir/report.json`` listing every skipped item with its reason.
 
@@ -22,11 +22,15 @@ How the work is split:
   the items (VQ tokenizer input and every encoder's input); the main process groups records by the
   task's bucket (e.g. crop size) and runs the VQ tokenizer and the encoders on batches of ``batch_size``.
 
-A bad item (for conversations: missing or unreadable image, ``<|image|>`` count not equal to the
-image list, empty text, image smaller than ``min_image_size``, sequence longer than ``max_seq_len``,
-a conversation that is not one prompt + one image; for image folders: unreadable or too small
-images) is skipped, listed in the report with its reason and counted in the summary; it never stops
-the job. The output does not depend on ``num_workers`` or the number of processes.
+A bad item is skipped, listed in the report with its reason and counted in the summary; it never
+stops the job. Text-to-image reasons: missing_image, unreadable_image, image_too_small (shorter side
+below ``min_image_size``), empty_text, too_long (over ``max_seq_len``), bad_text (not tokenisable);
+conversations also placeholder_count (``<|image|>`` count not equal to the image list),
+unsupported_conversation (not one prompt + one image) and bad_format; caption tables bad_format (a
+row that is not an object, a non-text value); pairs and shards missing_caption (an image without its
+.txt), missing_image (a .txt without its image), unreadable_caption (not UTF-8) and, for shards,
+unreadable_shard (a tar that cannot be read, from where it breaks). Image folders: unreadable or too
+small images. The output does not depend on ``num_workers`` or the number of processes.
 """
 
 from __future__ import annotations
@@ -41,13 +45,13 @@ from pathlib import Path
 
 import torch
 from streaming.base.util import merge_index
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from arra_ds.data.pretokenize.config import META_FILE, PART_DONE_FILE, REPORT_FILE, PretokenizeConfig, PretokenizeError
 from arra_ds.data.pretokenize.conversation import ConversationTask
 from arra_ds.data.pretokenize.imagefolder import ImageFolderConfig, ImageFolderTask
-from arra_ds.data.pretokenize.items import keep_records
+from arra_ds.data.pretokenize.items import record_loader
+from arra_ds.data.pretokenize.janus import JanusPretokenizeConfig, JanusTask, write_janus_vq
 from arra_ds.data.pretokenize.task import PretokenizeTask
 from arra_ds.data.pretokenize.writer import PartWriter, part_done, part_name
 from arra_ds.io import atomic_write_json
@@ -75,8 +79,7 @@ def run_rank(task: PretokenizeTask, rank: int, world_size: int, show_progress: b
     selected = [
         (i, items[i]) for p in todo for i in range(p * cfg.items_per_part, min(len(items), (p + 1) * cfg.items_per_part))
     ]
-    dataset = task.item_dataset(selected, models)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=keep_records)
+    loader = record_loader(task.item_dataset(selected, models), cfg)
     bar = tqdm(total=len(selected), desc=f"pretokenize rank {rank}", unit="img", disable=not show_progress)
     writer: PartWriter | None = None
     with torch.no_grad():
@@ -210,3 +213,11 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict | None:
 def run_pretokenize_imagefolder(cfg: ImageFolderConfig) -> dict | None:
     """ImageFolder tree -> class-to-image samples (see ``run_task``)."""
     return run_task(ImageFolderTask(cfg))
+
+
+def run_pretokenize_janus(cfg: JanusPretokenizeConfig) -> dict | None:
+    """Conversation JSON -> text-to-image samples in Janus-Pro's layout, its VQ tokenizer written next to them."""
+    task = JanusTask(cfg)
+    task.validate()
+    write_janus_vq(cfg)
+    return run_task(task)

@@ -3,10 +3,12 @@ processes, resume, merging, the report) and is the same for every input kind.
 
 A task says what the items are, how a DataLoader worker turns one into a record (image decoding,
 crops, checks; never raising), and how the main process turns a batch of records into MDS samples
-(the VQ tokenizer and the feature encoders, batched). Two tasks exist:
+(the VQ tokenizer and the feature encoders, batched). The tasks:
 
-    conversation.py   ConversationTask   conversation JSON -> text-to-image samples (Chameleon VQGAN)
+    conversation.py   ConversationTask   conversation JSON, caption table, image + .txt pairs or WebDataset
+                                         shards (sources.py) -> text-to-image samples (Chameleon VQGAN)
     imagefolder.py    ImageFolderTask    ImageFolder tree  -> class-to-image samples (LlamaGen VQ-16)
+    janus.py          JanusTask          conversation JSON -> Janus-Pro text-to-image samples (its VQ tokenizer)
 
 A task is pickled into spawned processes: it holds its config and nothing heavy (models are loaded
 per process by ``load_models``).
