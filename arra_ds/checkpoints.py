@@ -374,6 +374,9 @@ class RunData:
     clip_model: str = ""  # the CLIP-Score model for this data (clip_model= of launch/eval.py)
     # caveats a report repeats when it uses that default: key (extractors, clip_model, prompts) -> note
     notes: dict[str, str] = field(default_factory=dict)
+    # the assistant turn of every sample opens with <REP> (pre-tokenised with rep_token=true, for align.target=rep):
+    # sampling puts it in the prefix, where the model saw it in training
+    rep_token: bool = False
 
     @property
     def grid(self) -> ImageGrid | None:

@@ -5,6 +5,7 @@ import torch
 from gen_helpers import ImageSampler, image_tokens, tiny_backbone, tiny_vqgan
 
 from arra_ds.errors import ConfigError
+from arra_ds.generate.sampler import Sampler
 from arra_ds.generate.sampling import (
     SamplingConfig,
     classifier_free_guidance,
@@ -16,8 +17,9 @@ from arra_ds.generate.sampling import (
 )
 from arra_ds.model.config import ModelConfig
 from arra_ds.model.debug import DEBUG
-from arra_ds.tokens.layout import ImageGrid
-from arra_ds.tokens.vocab import tokens_to_image
+from arra_ds.model.llamagen.backbone import LLAMAGEN
+from arra_ds.tokens.layout import ImageGrid, conversation_tokens, image_to_tokens
+from arra_ds.tokens.vocab import REP_TOKEN, tokens_to_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -201,3 +203,25 @@ def test_sampling_config_errors():
         SamplingConfig(guidance_scale=0).validate()
     assert seed_for_sample(0, 1) != seed_for_sample(1, 0)
     assert len({seed_for_sample(0, k) for k in range(1000)}) == 1000
+
+
+def test_rep_token_data_samples_after_rep_as_in_training(model):
+    """A model trained on rep_token=true data (align.target=rep) saw <REP> open every answer: its sampling prefix is
+    the training sequence up to the first code, conditional and unconditional rows alike."""
+    backbone, vocab = model
+    grid = ImageGrid(4, 4)
+    prompt = [vocab.bos_id + 5, vocab.bos_id + 6]
+    training, _ = conversation_tokens(prompt, image_to_tokens(torch.zeros(4, 4, dtype=torch.long), vocab), vocab, rep_token=True)
+    with_rep = DEBUG.stepper(backbone, vocab, (4, 4), rep_token=True)
+    prefix = with_rep.conditional_prefix(prompt)
+    assert training[: len(prefix)] == prefix and prefix[-4] == vocab.id(REP_TOKEN)
+    assert with_rep.prefix_length(prompt) == len(prefix)
+    assert DEBUG.stepper(backbone, vocab, (4, 4)).conditional_prefix(prompt) == prefix[:-4] + grid.prefix(vocab)
+    cfg = SamplingConfig(height=64, width=64, guidance_scale=2.0, image_top_k=0)
+    batch = Sampler(DEBUG, backbone, vocab, cfg, (4, 4), rep_token=True).generate([prompt], [0])
+    assert tokens_to_image(grid.prefix(vocab) + batch.tokens[0].tolist(), vocab).shape == (4, 4)
+
+
+def test_layouts_without_an_answer_turn_refuse_rep_token_data():
+    with pytest.raises(ConfigError, match="rep_token=true"):
+        LLAMAGEN.stepper(None, None, (2, 2), rep_token=True)

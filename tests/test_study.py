@@ -114,12 +114,14 @@ def test_every_arm_makes_a_valid_run_config(tmp_path, profile):
     the trainer's own checks; the same seed gives every arm the same seed and data."""
     cfg = load_study_config(None, [f"profile={profile}", f"output_dir={tmp_path}"])
     paths = StudyPaths(tmp_path)
-    paths.mds("train").mkdir(parents=True)
-    (paths.mds("train") / "index.json").write_text("{}")  # DataConfig.validate only looks for it
+    for split in cfg.train_splits():
+        paths.mds(split).mkdir(parents=True)
+        (paths.mds(split) / "index.json").write_text("{}")  # DataConfig.validate only looks for it
     runs = {arm.name: train_run_config(cfg, paths, arm, seed=1) for arm in cfg.selected_arms()}
     for name, run in runs.items():
         run.validate()
-        assert run.seed == 1 and run.data.path == str(paths.mds("train")) and run.train.resume == "auto"
+        split = "train_rep" if run.align.target == "rep" else "train"  # <REP> opens the answers of its data
+        assert run.seed == 1 and run.data.path == str(paths.mds(split)) and run.train.resume == "auto"
         assert run.train.save_every == (cfg.eval.every or cfg.run.train.max_steps) and run.train.keep_last == 0
     assert runs[cfg.baseline].align.weight == 0 and runs[cfg.treatment].align.weight == 1
     assert {run.model.debug.hidden_size for run in runs.values()} == {cfg.run.model.debug.hidden_size}
@@ -182,6 +184,17 @@ def test_smoke_study_end_to_end_and_resume(tmp_path):
     assert (run_dir / "train.log").read_text().count("\n$ ") == 1
     rerun = json.loads((out / "report.json").read_text())
     assert rerun["results"] == report["results"] and rerun["timing"]["invocations"] == 2
+
+    # An added arm that aligns at <REP>: its data is pre-tokenised again with <REP> opening every answer, it
+    # trains on that, and sampling puts <REP> where training had it (the arm used to fail at its first step).
+    with_rep = run_study(f"output_dir={out}", "run_arms=[ar_only,arra,arra_rep]")
+    assert with_rep.returncode == 0, with_rep.stdout[-3000:] + with_rep.stderr[-3000:]
+    assert json.loads((out / "data" / "train_rep_mds" / "pretokenize_meta.json").read_text())["rep_token"] is True
+    rep_run = out / "runs" / "arra_rep" / "seed_0"
+    assert json.loads((rep_run / "arra_data.json").read_text())["rep_token"] is True
+    assert json.loads((run_dir / "arra_data.json").read_text())["rep_token"] is False
+    rep_results = json.loads((out / "report.json").read_text())["results"]["arra_rep"]["4"]
+    assert rep_results["fidelity_all"]["n"] == 2 and rep_results["fid_scene"]["mean"] is not None
 
     changed = run_study(f"output_dir={out}", "run.train.max_steps=6", "eval.every=3")
     assert changed.returncode == 2 and "other settings" in changed.stderr

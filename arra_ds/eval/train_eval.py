@@ -147,6 +147,7 @@ class TrainEvaluator:
         self.device = device
         self.run_dir = run_dir
         self.out_dir = run_dir / "eval"
+        self.rep_token = data is not None and data.rep_token
         vqgan_config, vqgan_checkpoint = decoder_files(cfg, data)
         if not vqgan_checkpoint:
             raise ConfigError(f"train.eval_every > 0 needs {NO_DECODER}")
@@ -210,7 +211,7 @@ class TrainEvaluator:
         images_dir = self.out_dir / f"step_{step:08d}"
         with self._training_rng_untouched():
             model = inference_copy(backbone, self.model_cfg, gather, self.device, dtype)
-            sampler = Sampler(self.backbone, model, self.vocab, self.sampling, self.grid)
+            sampler = Sampler(self.backbone, model, self.vocab, self.sampling, self.grid, self.rep_token)
             chunks = my_chunks(len(self.samples), self.cfg.batch_size)
             generate_missing(sampler, self.decoder, _prompt_ids_only, self.samples, chunks, images_dir, progress=False)
             del model, sampler

@@ -321,7 +321,8 @@ def generate_missing_images(resolved: ResolvedGeneration, samples: list[SampleSp
     cfg = resolved.cfg
     model = load_for_generation(resolved.ref, compute_dtype(cfg.precision, device), device, cfg.tokenizer)
     decoder = load_decoder(resolved, device)
-    sampler = Sampler(model.backbone, model.module, model.vocab, cfg.sampling, resolved.grid)
+    rep_token = resolved.data is not None and resolved.data.rep_token
+    sampler = Sampler(model.backbone, model.module, model.vocab, cfg.sampling, resolved.grid, rep_token)
     counts = generate_missing(sampler, decoder, model.encode_prompt, samples, chunks, images_dir, cfg.progress_bar)
     del model, sampler, decoder
     release_memory()

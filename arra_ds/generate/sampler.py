@@ -104,16 +104,17 @@ def _sample_text(stepper: ImageStepper, generators, cfg: SamplingConfig, guided:
 
 class Sampler:
     """Sampling from one loaded model: ``backbone`` (its registry entry), ``module`` (eval mode, on its device),
-    its text ``vocab`` (None for a class-conditional model), the code ``grid`` (h, w) and the settings."""
+    its text ``vocab`` (None for a class-conditional model), the code ``grid`` (h, w) and the settings; ``rep_token``:
+    the model was trained with <REP> opening the assistant turn (``RunData.rep_token``)."""
 
     def __init__(
         self, backbone: Backbone, module: nn.Module, vocab: ChameleonVocab | None, cfg: SamplingConfig,
-        grid: tuple[int, int],
+        grid: tuple[int, int], rep_token: bool = False,
     ):
         cfg.validate()
         self.cfg = cfg.with_defaults(backbone.sampling_defaults)
         self.grid = grid
-        self.stepper = backbone.stepper(module, vocab, grid)  # reusable: ``start`` resets it for every batch
+        self.stepper = backbone.stepper(module, vocab, grid, rep_token)  # reusable: ``start`` resets it for every batch
 
     def prefix_length(self, condition) -> int:
         return self.stepper.prefix_length(condition)

@@ -58,6 +58,7 @@ from arra_ds.tokens.vocab import (
     END_OF_TURN,
     IMAGE_END,
     IMAGE_START,
+    REP_TOKEN,
     ROW_END,
     ChameleonVocab,
     VocabError,
@@ -233,10 +234,13 @@ class ChameleonStepper(ImageStepper):
     """The Lumina-mGPT layout on a ``ChameleonForConditionalGeneration`` (eval mode, on its device); see the
     module docstring. Conditions are prompt token ids without <s> / <eot>."""
 
-    def __init__(self, backbone: nn.Module, vocab: ChameleonVocab, grid: ImageGrid):
+    def __init__(self, backbone: nn.Module, vocab: ChameleonVocab, grid: ImageGrid, rep_token: bool = False):
         self.backbone = backbone
         self.vocab = vocab
         self.grid = grid
+        # rep_token: the data's assistant turn opened with <REP> before the image (``conversation_tokens``); every
+        # row, conditional or not, starts its image after it as in training
+        self.image_prefix = ([vocab.id(REP_TOKEN)] if rep_token else []) + grid.prefix(vocab)
         self.num_steps = grid.body_length
         self.device = next(backbone.parameters()).device
         allowed = torch.zeros(backbone.lm_head.weight.shape[0], dtype=torch.bool)  # [V]: image code tokens
@@ -247,11 +251,11 @@ class ChameleonStepper(ImageStepper):
         self._hidden: torch.Tensor | None = None
 
     def conditional_prefix(self, prompt_ids: Sequence[int]) -> list[int]:
-        """<s> prompt <eot> <racm3:break> <grid h> <grid w> (the layout of ``conversation_tokens``)."""
-        return [self.vocab.bos_id, *prompt_ids, self.vocab.end_of_turn_id, *self.grid.prefix(self.vocab)]
+        """<s> prompt <eot> [<REP>] <racm3:break> <grid h> <grid w> (the layout of ``conversation_tokens``)."""
+        return [self.vocab.bos_id, *prompt_ids, self.vocab.end_of_turn_id, *self.image_prefix]
 
     def prefix_length(self, condition: Sequence[int]) -> int:
-        return len(condition) + 2 + 3
+        return len(condition) + 2 + len(self.image_prefix)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
         out = self.backbone.model(
@@ -263,7 +267,7 @@ class ChameleonStepper(ImageStepper):
     def start(self, conditions: Sequence[Sequence[int]], guided: bool, pad_to: int = 0) -> None:
         rows = [self.conditional_prefix(p) for p in conditions]
         if guided:
-            rows += [self.grid.prefix(self.vocab)] * len(conditions)
+            rows += [self.image_prefix] * len(conditions)
         width = max(pad_to, max(len(r) for r in rows))
         input_ids = torch.full((len(rows), width), self.vocab.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -449,8 +453,8 @@ class ChameleonFamily(Backbone):
         grid = ImageGrid.for_pixels(height_px, width_px)
         return grid.code_height, grid.code_width
 
-    def stepper(self, module, vocab, grid) -> ChameleonStepper:
-        return ChameleonStepper(module, vocab, ImageGrid(*grid))
+    def stepper(self, module, vocab, grid, rep_token: bool = False) -> ChameleonStepper:
+        return ChameleonStepper(module, vocab, ImageGrid(*grid), rep_token)
 
     def load_decoder(self, config_file: str, checkpoint_file: str) -> VQGAN:
         if not config_file or not checkpoint_file:

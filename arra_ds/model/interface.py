@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar, ContextManager, Iterable, Literal, P
 import torch
 from torch import nn
 
+from arra_ds.errors import ConfigError
 from arra_ds.kernels import lm_head_loss
 from arra_ds.tokens.vocab import ChameleonVocab
 
@@ -219,6 +220,15 @@ class ImageStepper(abc.ABC):
         """drawn [B, num_steps] (the tokens of every step, forced ones included) -> codes [B, h, w] int64."""
 
 
+def refuse_rep_token(backbone_name: str, rep_token: bool) -> None:
+    """The stepper of a layout without an assistant turn cannot honour ``RunData.rep_token``."""
+    if rep_token:
+        raise ConfigError(
+            f"the model's data opens the assistant turn with <REP> (pre-tokenised with rep_token=true), which "
+            f"model.source={backbone_name} has no place for; only the Chameleon layout does"
+        )
+
+
 class ImageDecoder(Protocol):
     """VQ codes -> pixels, with the image tokenizer the data was pre-tokenised with."""
 
@@ -343,7 +353,10 @@ class Backbone(abc.ABC):
         ConfigError for a size it cannot draw."""
 
     @abc.abstractmethod
-    def stepper(self, module: nn.Module, vocab: ChameleonVocab | None, grid: tuple[int, int]) -> ImageStepper: ...
+    def stepper(self, module: nn.Module, vocab: ChameleonVocab | None, grid: tuple[int, int],
+                rep_token: bool = False) -> ImageStepper:
+        """``rep_token``: the model was trained on data whose assistant turn opens with <REP> (``RunData.rep_token``);
+        a layout without such a turn raises ConfigError."""
 
     @abc.abstractmethod
     def load_decoder(self, config_file: str, checkpoint_file: str) -> ImageDecoder:

@@ -48,6 +48,7 @@ from arra_ds.model.interface import (
     BackboneShape,
     ExportResult,
     ImageStepper,
+    refuse_rep_token,
     LMHeadWithLoss,
     SequenceView,
 )
@@ -393,7 +394,8 @@ class JanusBackbone(Backbone):
                 )
         return height_px // self.code_patch_px, width_px // self.code_patch_px
 
-    def stepper(self, module, vocab, grid) -> JanusStepper:
+    def stepper(self, module, vocab, grid, rep_token: bool = False) -> JanusStepper:
+        refuse_rep_token(self.name, rep_token)
         return JanusStepper(module, vocab, grid)
 
     def load_decoder(self, config_file: str, checkpoint_file: str) -> LlamaGenVQ:

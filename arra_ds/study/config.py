@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-from arra_ds.config import apply_overrides, from_dict, parse_override, read_config_file
+from arra_ds.config import apply_overrides, from_dict, parse_override, read_config_file, to_dict
 from arra_ds.demo.scenes import MAX_CAPTION_WORDS
 from arra_ds.errors import ConfigError
 from arra_ds.tokens.layout import CODE_PATCH_PX, ImageGrid
-from arra_ds.tokens.vocab import DEBUG_MAX_GRID
+from arra_ds.tokens.vocab import DEBUG_MAX_GRID, REP_TOKEN
 from arra_ds.train.run_config import REPO_ROOT, RunConfig
 
 DEFAULT_STUDY = REPO_ROOT / "configs" / "studies" / "demo_arra.yaml"
@@ -50,9 +50,9 @@ class SceneDataConfig:
     def grid(self) -> ImageGrid:
         return ImageGrid(self.code_size, self.code_size)
 
-    def max_sequence_length(self) -> int:
-        """<s> caption <eot> image <eot>: the longest study sample, in tokens."""
-        return 1 + MAX_CAPTION_WORDS + 1 + self.grid.part_length + 1
+    def max_sequence_length(self, rep_token: bool = False) -> int:
+        """<s> caption <eot> [<REP>] image <eot>: the longest study sample, in tokens."""
+        return 1 + MAX_CAPTION_WORDS + 1 + int(rep_token) + self.grid.part_length + 1
 
     def validate(self) -> None:
         if self.code_size < 2 or self.code_size % 2 or self.code_size > 2 * DEBUG_MAX_GRID:
@@ -173,6 +173,16 @@ class StudyConfig:
     launcher: Literal["deepspeed", "python"] = "deepspeed"  # how a training run starts (python: one process, no launcher)
     ds_config: str = "ds_configs/zero3.json"  # relative to the repository root unless absolute
     progress_bar: bool = True
+
+    def arm_needs_rep_data(self, arm: ArmConfig) -> bool:
+        """The arm aligns at <REP> (align.target=rep with the default rep_token): its data must hold that token,
+        pre-tokenised with rep_token=true (the other arms keep Lumina-mGPT's layout)."""
+        align = from_dict(RunConfig, apply_overrides(to_dict(self.run), arm.overrides)).align
+        return align.target == "rep" and align.rep_token == REP_TOKEN
+
+    def train_splits(self) -> list[str]:
+        """The pre-tokenised train splits the selected arms train on."""
+        return ["train", *(["train_rep"] if any(map(self.arm_needs_rep_data, self.selected_arms())) else [])]
 
     def selected_arms(self) -> list[ArmConfig]:
         if not self.run_arms:

@@ -133,14 +133,15 @@ def encoder_specs(cfg: StudyConfig, paths: StudyPaths) -> list[EncoderSpec]:
 def pretokenize_splits(cfg: StudyConfig, paths: StudyPaths) -> dict[str, dict]:
     """Both splits through ``run_pretokenize`` (VQ codes, text layout, encoder features, MDS)."""
     summaries = {}
-    for split in SPLITS:
+    for split in [*cfg.train_splits(), "heldout"]:
+        source = "train" if split.startswith("train") else split  # train_rep: the train conversations with <REP>
         pretokenize = PretokenizeConfig(
-            input=str(paths.conversations(split)), out_dir=str(paths.mds(split)), tokenizer=str(paths.tokenizer),
+            input=str(paths.conversations(source)), out_dir=str(paths.mds(split)), rep_token=split == "train_rep", tokenizer=str(paths.tokenizer),
             vqgan_yaml=str(paths.vqgan_yaml), vqgan_ckpt=str(paths.vqgan_ckpt), encoders=encoder_specs(cfg, paths),
             image=ImagePreprocessConfig(target_size=cfg.scenes.image_size, crop="square"),
-            min_image_size=cfg.scenes.image_size, max_seq_len=cfg.scenes.max_sequence_length(),
+            min_image_size=cfg.scenes.image_size, max_seq_len=cfg.scenes.max_sequence_length(split == "train_rep"),
             batch_size=PRETOKENIZE_BATCH, num_workers=0, items_per_part=cfg.scenes.items_per_part,
-            num_procs=cfg.scenes.pretokenize_procs if split == "train" else 1, channels_last=True,
+            num_procs=cfg.scenes.pretokenize_procs if source == "train" else 1, channels_last=True,
             progress=cfg.progress_bar,
         )
         report = paths.mds(split) / "report.json"

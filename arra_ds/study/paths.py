@@ -3,6 +3,7 @@
     study_config.yaml          the resolved study config (a rerun must match it)
     data/scenes/train/*.png    drawn pictures; train.json / heldout.json (conversation JSON), scenes.jsonl
     data/train_mds/            pre-tokenised train split (tokens, feat_<clip.name>, caption, uid)
+    data/train_rep_mds/        the same with <REP> opening every answer, for arms with align.target=rep
     data/heldout_mds/          pre-tokenised held-out prompts
     data/heldout/recon/*.png   VQ reconstructions of the held-out pictures; data/heldout/prompts.json (+ .txt)
     data/heldout/reference/    fresh real pictures of the evaluated prompts (FID reference); floor/ (FID floor)

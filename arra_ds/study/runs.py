@@ -68,11 +68,12 @@ def train_run_config(cfg: StudyConfig, paths: StudyPaths, arm: ArmConfig, seed: 
     """The arm's RunConfig for one seed: the study's ``run`` section, the per-run settings the study
     decides (run dir, seed, data, sizes, checkpoints for every evaluated step), then the arm's overrides."""
     scenes = cfg.scenes
+    rep_data = cfg.arm_needs_rep_data(arm)
     study_keys = [
         f"output_dir={paths.run_dir(arm.name, seed)}",
         f"seed={seed}",
-        f"data.path={paths.mds('train')}",
-        f"data.max_seq_len={scenes.max_sequence_length()}",
+        f"data.path={paths.mds('train_rep' if rep_data else 'train')}",
+        f"data.max_seq_len={scenes.max_sequence_length(rep_data)}",
         "data.overlong=error",
         f"model.debug.num_image_codes={scenes.num_image_codes}",
         f"align.encoder={cfg.clip.name}",

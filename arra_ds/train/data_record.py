@@ -84,6 +84,7 @@ def describe_training_data(
     if tokenizer_checkpoint and Path(tokenizer_checkpoint).is_file() and (not tokenizer_config or Path(tokenizer_config).is_file()):
         record.vqgan_config, record.vqgan_checkpoint = tokenizer_config, tokenizer_checkpoint
     record.tokenizer = meta.get("tokenizer", "")
+    record.rep_token = bool(meta.get("rep_token", False))
     encoder = next((e for e in meta.get("encoders", []) if e.get("name") == encoder_name), {})
     record.encoder = encoder
     record.clip_model = _open_clip_model(encoder)

@@ -28,6 +28,7 @@ from arra_ds.model.interface import (
     ExportResult,
     GatherContext,
     ImageStepper,
+    refuse_rep_token,
     LMHeadWithLoss,
     PartitionContext,
     SequenceView,
@@ -288,7 +289,8 @@ class LlamaGenBackbone(Backbone):
             )
         return grid, grid
 
-    def stepper(self, module, vocab, grid) -> LlamaGenStepper:
+    def stepper(self, module, vocab, grid, rep_token: bool = False) -> LlamaGenStepper:
+        refuse_rep_token(self.name, rep_token)
         return LlamaGenStepper(module)
 
     def load_decoder(self, config_file: str, checkpoint_file: str) -> LlamaGenVQ:
