@@ -1,4 +1,5 @@
-"""Loading weights strictly: every key the module has, no other, each with the module's shape.
+"""Reading weights from a checkpoint folder, and loading them strictly: every key the module has, no other, each
+with the module's shape.
 
 ``torch.nn.Module.load_state_dict(strict=True)`` already refuses a missing or extra key, but its message
 lists every key of a 7B model and says nothing of where the file came from or what to change. Every
@@ -10,11 +11,25 @@ their domain (which key of the config to check).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 KEYS_SHOWN = 8  # keys an error message lists before "..."
+
+
+def read_safetensors_prefixed(folder: str | Path, prefixes: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with one of ``prefixes`` in every ``*.safetensors`` file of ``folder`` (sharded
+    Hugging Face checkpoints), under their full names, on the CPU; only those tensors are read."""
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.startswith(prefixes):
+                    tensors[name] = f.get_tensor(name)
+    return tensors
 
 
 def describe_keys(keys: list[str]) -> str:

@@ -33,7 +33,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, DynamicCache
 
@@ -65,6 +64,7 @@ from arra_ds.tokens.vocab import (
     tokens_to_image,
 )
 from arra_ds.tokens.vqgan import HF_VQ_PREFIX, VQGAN
+from arra_ds.weights import read_safetensors_prefixed
 
 HF_CONFIG_FILE = "config.json"
 # What stock transformers reads besides config.json and the weights: copied into a run and into an export.
@@ -474,13 +474,7 @@ class ChameleonFamily(Backbone):
 
     def base_weights(self, cfg) -> dict[str, torch.Tensor]:
         """``model.vqmodel.*`` tensors of the base checkpoint's safetensors files (empty if it has none)."""
-        tensors = {}
-        for path in sorted(Path(cfg.path).glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name.startswith(HF_VQ_PREFIX):
-                        tensors[name] = f.get_tensor(name)
-        return tensors
+        return read_safetensors_prefixed(cfg.path, HF_VQ_PREFIX)
 
     # ---- export ----------------------------------------------------------------------------------
     def write_tokenizer(self, cfg, out_dir: Path) -> list[str]:

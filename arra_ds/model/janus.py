@@ -33,7 +33,6 @@ from typing import Sequence
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import nn
 from transformers import DynamicCache, JanusConfig, JanusForConditionalGeneration
@@ -58,6 +57,7 @@ from arra_ds.tokens.janus import JanusVocab
 from arra_ds.tokens.layout import IGNORE_INDEX
 from arra_ds.tokens.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
 from arra_ds.tokens.vocab import VocabError
+from arra_ds.weights import read_safetensors_prefixed
 
 NAME = "janus"
 HF_CONFIG_FILE = "config.json"
@@ -417,13 +417,7 @@ class JanusBackbone(Backbone):
 
     def base_weights(self, cfg) -> dict[str, torch.Tensor]:
         """The tensors of the parts training leaves out (understanding path, VQ tokenizer, text head)."""
-        tensors = {}
-        for path in sorted(Path(cfg.path).glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name.startswith(UNTRAINED_PREFIXES):
-                        tensors[name] = f.get_tensor(name)
-        return tensors
+        return read_safetensors_prefixed(cfg.path, UNTRAINED_PREFIXES)
 
     # ---- export ----------------------------------------------------------------------------------
     def export(self, cfg, state, base, out_dir: Path, dtype) -> ExportResult:

@@ -30,12 +30,11 @@ from typing import Any, Literal, Mapping
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import safe_open
 from torch import nn
 
 from arra_ds.errors import UserError
 from arra_ds.tokens.taming import NORM_GROUPS, Downsample, ResnetBlock, Upsample, attention_block, group_norm
-from arra_ds.weights import load_strict
+from arra_ds.weights import load_strict, read_safetensors_prefixed
 
 logger = logging.getLogger(__name__)
 
@@ -370,15 +369,10 @@ def load_checkpoint_tensors(path: str | Path) -> dict:
 
 def _read_hf_vq_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The ``model.vqmodel.*`` tensors of a HF checkpoint dir (safetensors or .bin, sharded or not)."""
-    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if any(checkpoint_dir.glob("*.safetensors")):
+        tensors = read_safetensors_prefixed(checkpoint_dir, HF_VQ_PREFIX)
+        return {key[len(HF_VQ_PREFIX) :]: value for key, value in tensors.items()}
     out: dict[str, torch.Tensor] = {}
-    if files:
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.startswith(HF_VQ_PREFIX):
-                        out[key[len(HF_VQ_PREFIX) :]] = f.get_tensor(key)
-        return out
     for file in sorted(checkpoint_dir.glob("pytorch_model*.bin")):
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         out.update({k[len(HF_VQ_PREFIX) :]: v for k, v in state.items() if k.startswith(HF_VQ_PREFIX)})

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 from transformers import JanusConfig
@@ -50,6 +49,7 @@ from arra_ds.tokens import janus as layout
 from arra_ds.tokens.janus import JanusVocab
 from arra_ds.tokens.layout import IMAGE_PLACEHOLDER
 from arra_ds.tokens.llamagen_vq import CHECKPOINT_WEIGHTS_KEY, LlamaGenVQ, LlamaGenVQConfig
+from arra_ds.weights import read_safetensors_prefixed
 
 VQ_FILE = "janus_vq.pt"  # in out_dir: Janus's VQ tokenizer under LlamaGen VQ-16 names ({"model": state dict})
 VQ_CONFIG_FILE = "janus_vq.yaml"  # in out_dir: its architecture (LlamaGenVQConfig fields)
@@ -127,12 +127,7 @@ class JanusPretokenizeConfig(PretokenizeRunConfig):
 
 def janus_vq_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The VQ tokenizer of a Janus checkpoint (``model.vqmodel.*`` of its safetensors) under LlamaGen's names."""
-    tensors = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                if name.startswith(layout.HF_VQ_PREFIX):
-                    tensors[name] = f.get_tensor(name)
+    tensors = read_safetensors_prefixed(model_dir, layout.HF_VQ_PREFIX)
     if not tensors:
         raise PretokenizeError(f"{model_dir} holds no {layout.HF_VQ_PREFIX}* tensors: is it a Janus checkpoint in the "
                                "transformers layout (safetensors)?")
