@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arra_ds import distributed as dist  # noqa: E402
+from arra_ds.cli import run_launcher  # noqa: E402
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config  # noqa: E402
 from arra_ds.train.flops import peak_flops  # noqa: E402
 from arra_ds.train.plan import GIB, PlanConfig, build_plan  # noqa: E402
@@ -161,4 +162,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_launcher(main))  # tears the process group down before exit, as the launchers do

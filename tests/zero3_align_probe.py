@@ -18,6 +18,7 @@ known_warnings.install()  # before the imports below: DeepSpeed logs while it is
 import torch  # noqa: E402
 
 from arra_ds import distributed  # noqa: E402
+from arra_ds.cli import run_launcher  # noqa: E402
 from arra_ds.data.loader import Collator  # noqa: E402
 from arra_ds.tokens.layout import IGNORE_INDEX, conversation_tokens, image_to_tokens  # noqa: E402
 from arra_ds.train.engine import Engine, fill_ds_config, init_distributed, load_ds_config  # noqa: E402
@@ -83,4 +84,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # as the launchers do: the process group is torn down before the interpreter exits (a rank left with a live gloo
+    # group aborted, "terminate called without an active exception", when its peer had exited first under load)
+    sys.exit(run_launcher(main))
