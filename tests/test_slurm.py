@@ -33,7 +33,9 @@ pytestmark = [
 CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "slurm_cluster.sh"
 STATE_DIR = Path(os.environ.get("ARRA_DS_SLURM_DIR", "/var/tmp/arra_ds_slurm"))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-MAX_STEPS = 8
+# Steps left after the signal (sent once step 3 is logged, polled every second) must outlast the poll and scancel:
+# with 8 a quiet machine finished the run before the signal arrived (no requeue).
+MAX_STEPS = 24
 REQUEUE_SETTLE_S = 3  # seconds between the requeue and the release of the shrunk job
 STEPS_PER_EPOCH = 6  # 48 demo samples, 2 ranks x 4
 
@@ -94,8 +96,8 @@ def test_two_node_job_is_preempted_requeued_and_resumes(cluster):
     submit = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", f"--output={work}/slurm-%j.out", "launch/slurm/train.sbatch",
          f"output_dir={run_dir}", "demo.num_samples=48", "train.micro_batch_size=4", f"train.max_steps={MAX_STEPS}",
-         "train.save_every=4", "train.log_every=1", "train.log_samples=true", "train.progress_bar=false",
-         "optim.warmup_steps=2"],
+         "train.save_every=4", "train.keep_last=0", "train.log_every=1", "train.log_samples=true",
+         "train.progress_bar=false", "optim.warmup_steps=2"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert submit.returncode == 0, submit.stderr
